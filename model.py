@@ -1,0 +1,639 @@
+"""The Llama architecture, written out: leaves to root, then loading, saving, LoRA and generation.
+
+Module and parameter names follow the Hugging Face checkpoint layout (`model.layers.{i}.self_attn.q_proj`,
+`mlp.gate_proj`, ...) and RoPE uses HF's half-split rotation, so a checkpoint loads with a plain
+key-for-key loop: no renaming, no q/k permutation. `transformers` is never imported here; the tests
+prove parity against it.
+
+Shapes: B batch, T tokens in this call, L tokens in the cache (past + this call), H query heads,
+KV key/value heads, D head_dim, C hidden size, V vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that cannot be used; the message is one line naming the file/tensor."""
+
+
+# --------------------------------------------------------------------------------------------- leaves
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 squares lose too much), cast back, then scale: HF's order exactly.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: "Config", device=None) -> torch.Tensor:
+    """Inverse frequencies [D/2], with Llama 3.1's frequency-dependent scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    # rope_type "llama3" (Llama 3.1 / 3.2): long wavelengths are slowed by `factor`, short ones kept,
+    # and the band between is interpolated smoothly (Meta's reference, also HF `_compute_llama3_parameters`).
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype):
+    """cos, sin [B, T, D] for integer positions [B, T]; computed in fp32, then cast like HF does."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: the two halves share frequencies
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, heads, T, D]; rotate the first half of D against the second (HF layout, not interleaved)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for a batch being generated; a plain object, not module state, so
+    the same model stays trainable (and usable as a DPO reference) while something else generates.
+
+    Tensors are allocated once, [B, KV, max_len, D] per layer, in the dtype of the first keys written
+    (bf16 under autocast). `length` is how many positions are filled; `forward` writes the next T.
+    """
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        B, KV, T, D = k.shape
+        start = self.length
+        if start + T > self.max_len:
+            raise ValueError(f"KVCache: {start} + {T} positions exceed max_len {self.max_len}")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, KV, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, KV, self.max_len, D)
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    def __init__(self, cfg: "Config", layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, KV, L, D]
+        # GQA: each group of H/KV query heads reads one key/value head. enable_gqa needs torch>=2.5,
+        # and repeat_interleave costs little next to the matmuls at these sizes, so it is done by hand.
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if mask is None:  # no padding, no cache: the fused causal path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: "Config"):
+        super().__init__()
+        C, F_, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, F_, bias=bias)
+        self.up_proj = nn.Linear(C, F_, bias=bias)
+        self.down_proj = nn.Linear(F_, C, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: "Config", layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ------------------------------------------------------------------------------------------- config
+
+# HF config.json key -> our field. Everything else is either in IGNORED_KEYS (no effect on the math
+# of a Llama forward pass) or refused, so a config we do not understand never loads silently wrong.
+FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+          "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+          "attention_bias", "mlp_bias")
+IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "attention_dropout", "pretraining_tp", "_name_or_path", "return_dict",
+    "output_attentions", "output_hidden_states", "torchscript", "id2label", "label2id",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "problem_type", "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task",
+    "_attn_implementation_autoset", "generation_config", "max_length", "bad_words_ids", "num_beams",
+}
+
+
+@dataclass
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise CheckpointError(f"config: hidden_size {self.hidden_size} is not divisible by "
+                                      f"num_attention_heads {self.num_attention_heads} and no head_dim is given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 2**24:
+                raise CheckpointError(f"config: {name} = {v!r}, expected an integer in [1, 2^24]")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(f"config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                                  f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise CheckpointError(f"config: head_dim {self.head_dim} must be even for RoPE")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise CheckpointError(f"config: rms_norm_eps {self.rms_norm_eps} and rope_theta {self.rope_theta} "
+                                  "must be positive")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind == "default":
+                self.rope_scaling = None
+            elif kind != "llama3":
+                raise CheckpointError(f"config: rope_scaling type {kind!r} is not supported (only 'llama3' or none)")
+            else:
+                missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings") if k not in rs]
+                if missing:
+                    raise CheckpointError(f"config: rope_scaling of type llama3 lacks {', '.join(missing)}")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
+        arch = d.get("architectures") or ["LlamaForCausalLM"]
+        if d.get("model_type", "llama") != "llama" or arch != ["LlamaForCausalLM"]:
+            raise CheckpointError(f"{where}: model_type {d.get('model_type')!r} / architectures {arch} is not "
+                                  "supported, expected llama / ['LlamaForCausalLM']")
+        if d.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{where}: hidden_act {d['hidden_act']!r} is not supported, expected 'silu'")
+        d = dict(d)
+        d.pop("hidden_act", None)
+        # transformers >= 5 writes RoPE settings as `rope_parameters`; older files use rope_theta/rope_scaling.
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        unknown = sorted(k for k in d if k not in FIELDS and k not in IGNORED_KEYS)
+        if unknown:
+            raise CheckpointError(f"{where}: unsupported keys {unknown}; this Llama implementation would ignore "
+                                  "them and compute something else")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise CheckpointError(f"{where}: missing required fields {missing}")
+        return cls(**{k: d[k] for k in FIELDS if d.get(k) is not None})
+
+    @classmethod
+    def from_json(cls, path) -> "Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read a JSON config ({e})") from None
+        return cls.from_hf(d, where=str(path))
+
+    def to_hf(self) -> dict:
+        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+             **{k: v for k, v in asdict(self).items()}}
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
+        return d
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, **overrides) -> "Config":
+        if name not in PRESETS:
+            raise CheckpointError(f"unknown model size {name!r}; expected an HF directory or one of {sorted(PRESETS)}")
+        return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
+
+
+# Named sizes for random init. The tiny ones are the embedded world's bases, sized so the whole main
+# job fits 2 CPU cores in minutes (README: "The embedded world"); the proxy is larger, as an open LLM
+# that stands in for the teacher is larger than the student.
+PRESETS = {
+    "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "tiny-student": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "tiny-proxy": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0, max_position_embeddings=131072,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+# -------------------------------------------------------------------------------------------- model
+
+class Llama(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        # `model.` prefix on the body, `lm_head` beside it: the LlamaForCausalLM state-dict layout.
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02):
+        """Random init for pretraining from scratch: N(0, 0.02) like HF's initializer_range."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (or the final-normed hidden [B, T, C] with return_hidden,
+        so a loss can apply lm_head chunk by chunk and never hold [B, T, V] in fp32).
+
+        attention_mask [B, L] (1 = real token) covers every key: the cached past and this call. Padding may
+        be on either side; without position_ids, each row counts positions from its first real token.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = None
+        if attention_mask is not None or past > 0:
+            # One boolean mask [B, 1, T, L] for all layers: causal over absolute index, keys padded out.
+            # Each query may always see itself, so a padding row never softmaxes over nothing (no NaN).
+            L = past + T
+            q_idx = torch.arange(past, L, device=input_ids.device)[:, None]
+            k_idx = torch.arange(L, device=input_ids.device)[None, :]
+            mask = (k_idx <= q_idx)[None, None]
+            if attention_mask is not None:
+                mask = (mask & attention_mask[:, None, None, :L].bool()) | (k_idx == q_idx)[None, None]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if not torch.is_autocast_enabled()
+                                else torch.get_autocast_dtype(x.device.type))
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    # ------------------------------------------------------------------------------ save and load
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None):
+        """Write an HF-layout directory (config.json + model.safetensors, or shards + index). LoRA is merged
+        into the written weights; the live model keeps its adapters. Each file is written to a temporary
+        name and renamed, so a crash mid-save leaves the previous files whole."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = merged_state_dict(self)
+        if self.cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # HF omits the tied head
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        shards = [sd]
+        if max_shard_bytes is not None:
+            shards, cur, size = [], {}, 0
+            for k, v in sd.items():
+                nbytes = v.numel() * v.element_size()
+                if cur and size + nbytes > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k], size = v, size + nbytes
+            shards.append(cur)
+        dtype = next(iter(sd.values())).dtype
+        cfg = {**self.cfg.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+        if len(shards) == 1:
+            _atomic(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+            (path / "model.safetensors.index.json").unlink(missing_ok=True)
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(path / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        _atomic_write_text(path / "model.safetensors.index.json",
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (path / "model.safetensors").unlink(missing_ok=True)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=torch.float32) -> "Llama":
+        """Build on the meta device, read and check every tensor, then assign: a bad checkpoint raises
+        CheckpointError before any model exists, so nothing is ever half-loaded."""
+        path = Path(path)
+        cfg = Config.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        sd = read_safetensors_dir(path, device=device)
+        if cfg.tie_word_embeddings and "lm_head.weight" in sd:
+            sd.pop("lm_head.weight")  # some tied exports repeat the head; the tie decides
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing:
+            raise CheckpointError(f"{path}: missing tensor {missing[0]} (expected shape {tuple(expected[missing[0]])})"
+                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} with shape {tuple(sd[unexpected[0]].shape)}"
+                                  + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+        for k, shape in expected.items():
+            t = sd[k]
+            if t.shape != shape:
+                raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{path}: tensor {k} has dtype {t.dtype}, expected a floating-point dtype")
+            sd[k] = t.to(dtype=dtype)
+        model.load_state_dict(sd, strict=not cfg.tie_word_embeddings, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg, device=model.device)
+        return model
+
+
+def read_safetensors_dir(path: Path, device=None) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded HF checkpoint directory; any unreadable file is one error."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    elif index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for f in files:
+        try:
+            part = load_file(str(f), device=str(device) if device is not None else "cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+            raise CheckpointError(f"{f}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+        for k, v in part.items():
+            if k in sd:
+                raise CheckpointError(f"{f}: tensor {k} appears in more than one shard")
+            sd[k] = v
+    return sd
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str):
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + (alpha / r) · x A^T B^T. A subclass of nn.Linear so the frozen base keeps its checkpoint
+    name (`...q_proj.weight`); the adapters add `lora_A` [r, in] and `lora_B` [out, r] (B starts at 0, so
+    the wrapped model starts as the base exactly)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, adapter_dtype=torch.float32):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.scale = alpha / rank
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=adapter_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the LoRA paper's / peft's init
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y + F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(y.dtype) * self.scale
+
+    def merged_weight(self):
+        return (self.weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+
+
+def apply_lora(model: Llama, rank: int, alpha: float, targets=LORA_TARGETS, seed: int | None = None) -> Llama:
+    """Freeze every base parameter and put rank-r adapters on the named projections, in place."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    bad = set(targets) - set(LORA_TARGETS)
+    if bad:
+        raise ValueError(f"LoRA targets {sorted(bad)} are not projections; expected a subset of {LORA_TARGETS}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in targets:
+                if hasattr(parent, name):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+
+
+def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """The HF-layout state dict with every adapter folded into its base weight."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            sd[f"{name}.weight"] = mod.merged_weight().detach()
+    return sd
+
+
+# ------------------------------------------------------------------------------- log-probs, sampling
+
+def token_logprobs(model: Llama, input_ids, attention_mask=None, chunk_tokens: int = 4096):
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t < T-1 -> [B, T-1] fp32.
+
+    The head and log-softmax run over chunks of positions with activation checkpointing, so neither
+    [B, T, V] logits nor their fp32 log-softmax are ever held whole, in forward or in backward."""
+    h = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, :-1]  # [B, T-1, C]
+    targets = input_ids[:, 1:]
+    B, Tm1, C = h.shape
+    h, targets = h.reshape(-1, C), targets.reshape(-1)
+    step = max(1, chunk_tokens)
+    out = [chunked_head_logprobs(model.lm_head.weight, h[i:i + step], targets[i:i + step])
+           for i in range(0, h.shape[0], step)]
+    return torch.cat(out).view(B, Tm1)
+
+
+def _head_logprobs(weight, h, targets):
+    logits = F.linear(h, weight).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def chunked_head_logprobs(weight, h, targets):
+    """One chunk [N, C] -> [N] log-probs; recomputed in backward rather than storing [N, V] fp32."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(_head_logprobs, weight, h, targets, use_reentrant=False)
+    return _head_logprobs(weight, h, targets)
+
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays in).
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id=None, seed: int | None = None, pad_id: int = 0) -> list[list[int]]:
+    """Batched generation with a KV cache: prompts (lists of ids, any lengths) are left-padded, the prefix
+    runs once, then one token per step. Returns each prompt's new tokens, cut before its first eos.
+    eos_id: an id, a list of ids, or None (the config's eos ids). Same seed, same samples."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = model.device
+    eos = model.cfg.eos_ids if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    eos_t = torch.tensor(eos or [-1], device=device)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        mask[i, P - len(p):] = 1
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = KVCache(model.cfg.num_hidden_layers, P + max_new_tokens)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    pos = mask.sum(-1, keepdim=True) - 1  # [B, 1] position of each row's last real token
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, gen)
+        nxt = nxt.masked_fill(done, pad_id)
+        out.append(nxt)
+        done |= torch.isin(nxt, eos_t)
+        if bool(done.all()) or len(out) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        pos = pos + 1
+        logits = model(nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache)[:, -1]
+    toks = torch.stack(out, 1).tolist()
+    result = []
+    for row in toks:
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        result.append(row[:cut])
+    return result
