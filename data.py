@@ -1,0 +1,868 @@
+"""Data for proxykd: tokenizer, chat formats, JSONL files, batching, and the embedded arithmetic world.
+
+Read top to bottom: JSONL files -> the D_w/D_p/D_s split -> tokenizer -> chat formats and loss masks
+-> truncation and batching -> answer extraction and scoring -> the world (problem generator, the
+teacher's solver, the pretraining corpus).
+
+Conventions every script relies on:
+- Labels are unshifted (the HF convention): labels[i] is input_ids[i] on response tokens (and the
+  end-of-turn token that closes the response), IGNORE_INDEX elsewhere; the loss does the shift.
+- Prompt and response are tokenized as separate segments, so the mask boundary is exact and
+  `encode_prompt` is always a prefix of `encode_pair`'s ids (the generation prompt).
+- Bad input raises DataError with one line: `path:line: expected ...`.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+IGNORE_INDEX = -100  # the one ignore index of the whole project (torch's cross_entropy default)
+FORMATS = ("plain", "chatml", "llama3")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file (and line) and what was expected."""
+
+
+def _note(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _short_hash(obj, n: int = 16) -> str:
+    # Canonical JSON: key order and whitespace never change an id.
+    s = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()[:n]
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+
+def _iter_jsonl(path):
+    """(line number, object) per non-blank line. Reads bytes and splits on b"\\n" only, so U+2028 or
+    U+0085 inside a JSON string (legal there) never splits a record, and CRLF, a BOM and a missing final
+    newline are all fine."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8").strip(" \t\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: expected UTF-8 text (bad byte at column {e.start + 1})") from None
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: expected one JSON object per line ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got a JSON {type(obj).__name__}")
+            yield n, obj
+
+
+def read_jsonl(path) -> list[dict]:
+    return [obj for _, obj in _iter_jsonl(path)]
+
+
+@contextmanager
+def _atomic_writer(path):
+    # Write a temporary file beside the target and rename it over: a kill at any moment leaves either
+    # the old file or the new one, never a torn one.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str):
+    with _atomic_writer(path) as f:
+        f.write(text)
+
+
+def write_jsonl(path, rows):
+    with _atomic_writer(path) as f:
+        for row in rows:
+            try:  # readable UTF-8; lone surrogates (from "\\ud800" escapes) cannot be UTF-8, so escape those rows
+                line = json.dumps(row, ensure_ascii=False)
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                line = json.dumps(row)
+            f.write(line + "\n")
+
+
+def messages_of(row: dict) -> list[dict]:
+    """The chat messages of a prompt row: its "messages", or its "prompt" as one user message."""
+    if "messages" in row:
+        return list(row["messages"])
+    return [{"role": "user", "content": row["prompt"]}]
+
+
+def make_id(row: dict) -> str:
+    """An id from the prompt's content: the same prompt gets the same id in every file (prompts,
+    teacher responses, pairs), so the split keeps all of a prompt's rows in one of D_w, D_p, D_s."""
+    return _short_hash(messages_of(row))
+
+
+def _check_row(path, n, row: dict, strings=()) -> dict:
+    """Validate a prompt-carrying row in place: prompt/messages, the given string fields, "id"."""
+    where = f"{path}:{n}"
+    if "prompt" not in row and "messages" not in row and isinstance(row.get("question"), str):
+        row["prompt"] = row["question"]  # GSM8K's own files say "question"
+    if "messages" in row:
+        ms = row["messages"]
+        if not isinstance(ms, list) or not ms:
+            raise DataError(f'{where}: expected "messages" to be a non-empty list of {{"role", "content"}}')
+        for i, m in enumerate(ms):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise DataError(f'{where}: expected messages[{i}] to be {{"role": one of {"/".join(ROLES)}, '
+                                f'"content": a string}}, got {json.dumps(m)[:80]}')
+    elif not isinstance(row.get("prompt"), str):
+        raise DataError(f'{where}: expected "prompt" (a string) or "messages" (a list of {{"role", "content"}})')
+    for key in strings:
+        if not isinstance(row.get(key), str):
+            got = "nothing" if key not in row else f"a JSON {type(row[key]).__name__}"
+            raise DataError(f'{where}: expected "{key}" to be a string, got {got}')
+    if "id" in row:
+        if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+            raise DataError(f'{where}: expected "id" to be a string or an integer')
+        row["id"] = str(row["id"])
+    else:
+        row["id"] = make_id(row)
+    return row
+
+
+def read_prompts(path) -> list[dict]:
+    """Prompt rows: {"id"?, "prompt" | "messages" | "question", "answer"?, ...}; other keys are kept.
+    "answer" becomes a string. A repeated row (same id, same content) is dropped with a note; the same
+    id with other content is an error."""
+    rows, first = [], {}  # id -> (line, canonical content)
+    dropped = 0
+    for n, row in _iter_jsonl(path):
+        row = _check_row(path, n, row)
+        if "answer" in row:
+            a = row["answer"]
+            if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+                raise DataError(f'{path}:{n}: expected "answer" to be a string or a number')
+            row["answer"] = str(a)
+        content = _short_hash(row)
+        if row["id"] in first:
+            line, seen = first[row["id"]]
+            if seen != content:
+                raise DataError(f'{path}:{n}: duplicate id "{row["id"]}" (first on line {line}) with other '
+                                f'content; expected each row to have its own "id"')
+            dropped += 1
+            continue
+        first[row["id"]] = (n, content)
+        rows.append(row)
+    if dropped:
+        _note(f"{path}: dropped {dropped} repeated rows")
+    return rows
+
+
+def read_teacher(path, keep_unfinished: bool = False) -> list[dict]:
+    """Teacher output rows: a prompt row plus "response" and "finish_reason". Rows whose finish_reason
+    is not "stop" (cut at max tokens, filtered) are dropped by default, with a count; a row without a
+    finish_reason (a file from another tool) is kept."""
+    rows, dropped = [], {}
+    for n, row in _iter_jsonl(path):
+        row = _check_row(path, n, row, strings=("response",))
+        why = row.get("finish_reason", "stop")
+        if why != "stop" and not keep_unfinished:
+            dropped[str(why)] = dropped.get(str(why), 0) + 1
+            continue
+        rows.append(row)
+    if dropped:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+        _note(f"{path}: dropped {sum(dropped.values())} rows whose finish_reason is not \"stop\" ({detail})")
+    return rows
+
+
+def read_pairs(path) -> list[dict]:
+    """Preference pairs: {"id"?, "prompt" | "messages", "chosen", "rejected"}."""
+    return [_check_row(path, n, row, strings=("chosen", "rejected")) for n, row in _iter_jsonl(path)]
+
+
+# ------------------------------------------------------------------------------------------- split
+
+def _unit(key: str) -> float:
+    """A uniform number in [0, 1) from a string, the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
+
+
+def split_three(rows, seed: int, fractions=(0.1, 0.45, 0.45)):
+    """D_w, D_p, D_s (paper §4.1: 10/45/45 at random). Each row goes by a hash of (seed, id) alone, so
+    the split is stable (it does not depend on the other rows or their order), disjoint, covers every
+    row, and all rows of one prompt land together. Proportions are binomially close to `fractions`."""
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    out = ([], [], [])
+    for row in rows:
+        u = _unit(f"{seed}\x00{row['id']}")
+        out[0 if u < fractions[0] else 1 if u < fractions[0] + fractions[1] else 2].append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+# Every chat format's special tokens, so the embedded tokenizer works with all three formats.
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# What bos/eos/pad are called in the tokenizers people use (ours, Llama 3, Llama 2/Mistral, Gemma, Qwen).
+_BOS = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>")
+_EOS = ("<|eos|>", "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+_PAD = ("<|pad|>", "<pad>", "[PAD]")
+_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def train_tokenizer(texts, vocab_size: int = 1024) -> Tokenizer:
+    """Byte-level BPE (any text encodes, decode(encode(s)) == s) with every digit its own token, so
+    numbers are read digit by digit and arithmetic is learnable by a tiny model."""
+    if vocab_size < 256 + len(SPECIALS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} (256 bytes + specials), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer(path_or_dir) -> Tokenizer:
+    """A tokenizer.json, or a directory holding one. The directory's HF side files (tokenizer_config.json
+    with its chat template, ...) ride along on `tok.side_files`, so save_tokenizer copies them into every
+    checkpoint and `guess_format` keeps working downstream."""
+    p = Path(path_or_dir)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise DataError(f"{f}: no such file (expected a tokenizer.json, or a directory holding one)")
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise DataError(f"{f}: expected a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
+    tok.side_files = {n: (f.parent / n).read_text(encoding="utf-8") for n in _SIDE_FILES if (f.parent / n).is_file()}
+    return tok
+
+
+def special_ids(tok: Tokenizer) -> dict:
+    """{"bos", "eos", "pad"} ids; bos may be None (Qwen has none); pad falls back to eos (Llama 3 has none)."""
+    def first(names):
+        return next((i for i in map(tok.token_to_id, names) if i is not None), None)
+    bos, eos, pad = first(_BOS), first(_EOS), first(_PAD)
+    if eos is None:
+        raise DataError(f"tokenizer has no end-of-sequence token (looked for {', '.join(_EOS)})")
+    return {"bos": bos, "eos": eos, "pad": eos if pad is None else pad}
+
+
+# HF chat templates (jinja) equal to the formats below, written into tokenizer_config.json so that
+# transformers and serving engines render prompts exactly as proxykd does (tested token for token).
+CHAT_TEMPLATES = {
+    "plain": r"{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+             r"{{ m['content'] + eos_token }}{% else %}{{ m['content'] + '\n' }}{% endif %}{% endfor %}",
+    "chatml": r"{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+              r"{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "llama3": r"{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+              r"'<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+              r"{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+}
+
+
+def save_tokenizer(tok: Tokenizer, out_dir, fmt: str | None = None):
+    """tokenizer.json plus tokenizer_config.json, so every checkpoint directory is complete. With fmt=None
+    a loaded tokenizer's own side files are copied unchanged (a real model keeps its chat template) and a
+    fresh one is marked "plain"; a given fmt is written as the chat template and the recorded format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
+    side = dict(getattr(tok, "side_files", {}))
+    if fmt is None and "tokenizer_config.json" in side:
+        for name, text in side.items():
+            atomic_write_text(out / name, text)
+        return
+    fmt = fmt or "plain"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown chat format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    cfg = json.loads(side.get("tokenizer_config.json", "{}"))
+    if not cfg:
+        ids = special_ids(tok)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
+               "bos_token": None if ids["bos"] is None else tok.id_to_token(ids["bos"]),
+               "eos_token": tok.id_to_token(_end_of_turn(tok, fmt)),  # what instruct models stop on
+               "pad_token": tok.id_to_token(ids["pad"])}
+    cfg.update(chat_template=CHAT_TEMPLATES[fmt], proxykd_chat_format=fmt)
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if "special_tokens_map.json" in side:
+        atomic_write_text(out / "special_tokens_map.json", side["special_tokens_map.json"])
+    (out / "chat_template.jinja").unlink(missing_ok=True)  # it would override ours in transformers
+
+
+def guess_format(model_dir) -> str:
+    """The chat format a model directory was trained with: ours as recorded, else recognised from its HF
+    chat template (tokenizer_config.json or chat_template.jinja), else "plain" (a base model)."""
+    d = Path(model_dir)
+    cfg_path, tpl = d / "tokenizer_config.json", ""
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{cfg_path}:{e.lineno}: expected JSON ({e.msg})") from None
+        if cfg.get("proxykd_chat_format") in FORMATS:
+            return cfg["proxykd_chat_format"]
+        tpl = cfg.get("chat_template") or ""
+        if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
+            tpl = " ".join(str(t.get("template", "")) for t in tpl if isinstance(t, dict))
+    if (d / "chat_template.jinja").is_file():
+        tpl += (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if "<|im_start|>" in tpl:
+        return "chatml"
+    if "<|start_header_id|>" in tpl:
+        return "llama3"
+    return "plain"
+
+
+# ------------------------------------------------------------------------------------ chat formats
+#
+# plain:  <|bos|>{prompt}\n{response}<|eos|>        (several prompt messages: each content + "\n")
+# chatml: <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>
+# llama3: <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>
+#         <|start_header_id|>assistant<|end_header_id|>\n\n{response}<|eot_id|>
+# A system message is one more turn before the user's (chatml, llama3) or one more line (plain).
+# A format is rendered as "pieces" (text, or a special token id); each text run between special
+# tokens is encoded on its own, exactly as HF does when it tokenizes a rendered chat template.
+
+def _special(tok, name: str, fmt: str) -> int:
+    i = tok.token_to_id(name)
+    if i is None:
+        raise DataError(f"tokenizer has no {name} token, which the {fmt} chat format needs; pick another chat format")
+    return i
+
+
+def _end_of_turn(tok, fmt: str) -> int:
+    if fmt == "plain":
+        return special_ids(tok)["eos"]
+    if fmt == "chatml":
+        return _special(tok, "<|im_end|>", fmt)
+    if fmt == "llama3":
+        return _special(tok, "<|eot_id|>", fmt)
+    raise ValueError(f"unknown chat format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _prompt_pieces(tok, messages: list[dict], fmt: str) -> list:
+    eot = _end_of_turn(tok, fmt)  # also validates fmt
+    pieces = []
+    if fmt == "plain":
+        bos = special_ids(tok)["bos"]
+        pieces += [] if bos is None else [bos]
+        for m in messages:
+            pieces += [m["content"], eot] if m["role"] == "assistant" else [m["content"] + "\n"]
+    elif fmt == "chatml":
+        start = _special(tok, "<|im_start|>", fmt)
+        for m in messages:
+            pieces += [start, f"{m['role']}\n{m['content']}", eot, "\n"]
+        pieces += [start, "assistant\n"]
+    else:
+        sh, eh = _special(tok, "<|start_header_id|>", fmt), _special(tok, "<|end_header_id|>", fmt)
+        pieces.append(_special(tok, "<|begin_of_text|>", fmt))
+        for m in messages:  # the real Llama 3 template trims each message
+            pieces += [sh, m["role"], eh, "\n\n" + m["content"].strip(), eot]
+        pieces += [sh, "assistant", eh, "\n\n"]
+    return pieces
+
+
+def _encode_pieces(tok, pieces) -> list[int]:
+    ids, text = [], ""
+    for p in pieces + [None]:
+        if isinstance(p, str):
+            text += p
+            continue
+        if text:
+            ids += tok.encode(text, add_special_tokens=False).ids
+            text = ""
+        if p is not None:
+            ids.append(p)
+    return ids
+
+
+def _as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode_prompt(tok, prompt, fmt: str) -> list[int]:
+    """The generation prompt: a string or a list of messages, rendered up to where the response starts."""
+    return _encode_pieces(tok, _prompt_pieces(tok, _as_messages(prompt), fmt))
+
+
+def encode_pair(tok, prompt, response: str, fmt: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a prompt and its response. labels is IGNORE_INDEX on the prompt and the
+    response tokens plus the closing end-of-turn token elsewhere; input_ids starts with encode_prompt."""
+    p = encode_prompt(tok, prompt, fmt)
+    r = _encode_pieces(tok, [response, _end_of_turn(tok, fmt)])
+    return p + r, [IGNORE_INDEX] * len(p) + r
+
+
+def stop_ids(tok, fmt: str) -> list[int]:
+    """Token ids that end a generated response in this format."""
+    ids = {_end_of_turn(tok, fmt), special_ids(tok)["eos"]}  # a model may also end a turn with plain eos
+    return sorted(ids)
+
+
+# -------------------------------------------------------------------------- truncation and batching
+
+def truncate(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Cut a sequence to max_len, keeping the prompt's end and the response's start (what a response
+    token is conditioned on most, and the first response tokens). When both are long each keeps half."""
+    if len(ids) <= max_len:
+        return ids, labels
+    p = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))  # prompt length
+    keep_p = min(p, max(max_len - (len(ids) - p), max_len // 2))
+    lo, hi = p - keep_p, p + max_len - keep_p
+    return ids[lo:hi], labels[lo:hi]
+
+
+def encode_rows(tok, rows, fmt: str, max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Teacher rows -> truncated (input_ids, labels) pairs, and how many were cut (callers print it)."""
+    pairs, cut = [], 0
+    for r in rows:
+        ids, labels = encode_pair(tok, messages_of(r), r["response"], fmt)
+        cut += len(ids) > max_len
+        pairs.append(truncate(ids, labels, max_len))
+    return pairs, cut
+
+
+def collate(pairs, pad_id: int) -> dict:
+    """[(ids, labels)] -> input_ids, labels, attention_mask, each LongTensor[B, T], T the longest in the
+    batch; right padding (pad_id in the ids, IGNORE_INDEX in the labels, 0 in the mask)."""
+    T = max(len(ids) for ids, _ in pairs)
+    input_ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(pairs), T), dtype=torch.long)
+    for b, (ids, lab) in enumerate(pairs):
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[b, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int = 0, window: int = 50) -> list[list[int]]:
+    """One epoch's batches as lists of sample indices, deterministic in (seed, epoch): shuffle, sort by
+    length within windows of window·batch_size samples (little padding), then shuffle the batches (no
+    short-to-long curriculum). A resumed run skips to batch i of the same list."""
+    rng = random.Random(f"batch_order:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span, batches = window * batch_size, []
+    for s in range(0, len(order), span):
+        chunk = sorted(order[s:s + span], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ------------------------------------------------------------------------------ answers and scoring
+
+# A number: thousands separators only in groups of three ("1,234" but "3,4" is two numbers); a minus
+# sign only where it cannot be subtraction ("5-3" ends in 3, "x = -3" in -3).
+_NUMBER = re.compile(r"(?:(?<![\w.)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def _canon(s: str) -> str:
+    d = Decimal(s.replace(",", ""))
+    return str(int(d)) if d == d.to_integral_value() else str(d.normalize())
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer: the number on the last `#### N` line (GSM8K; "$", commas and a final period
+    allowed), else the last number in the text; None if there is no number. Canonical: "1,000.0" -> "1000"."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].split("\n", 1)[0].replace("$", "")
+        m = _NUMBER.search(tail)
+        if m:
+            return _canon(m.group())
+    found = _NUMBER.findall(text)
+    return _canon(found[-1]) if found else None
+
+
+def is_correct(text: str, answer) -> bool:
+    """Exact numeric match of text's extracted answer with `answer` (a number, or a solution text)."""
+    pred, gold = extract_answer(text), extract_answer(str(answer))
+    return pred is not None and gold is not None and Decimal(pred) == Decimal(gold)
+
+
+# ------------------------------------------------------------------------------- the embedded world
+#
+# Multi-step arithmetic word problems (DESIGN.md, "The embedded world"). A template is a prompt pattern
+# with fields, number ranges, and a solver that writes the steps. The same pattern renders a prompt
+# and, compiled to a regex, parses one back: the teacher sees only text. Operands are small (<= 20,
+# a few start values up to 120), every intermediate value is an integer in [0, MAX_VALUE], division is
+# exact: what a 1-5M-parameter Llama can learn on a CPU in minutes, but not trivially.
+
+MAX_VALUE = 200
+EVAL_FRACTION = 0.2  # share of each template's problems (by numbers) reserved for eval
+NAMES = {"Mia": 0, "Ava": 0, "Zoe": 0, "Nora": 0, "Ella": 0, "Ivy": 0, "Lily": 0, "Ruby": 0, "Emma": 0, "Sara": 0,
+         "Tom": 1, "Leo": 1, "Sam": 1, "Omar": 1, "Finn": 1, "Max": 1, "Ben": 1, "Jack": 1, "Noah": 1, "Luke": 1}
+PRONOUNS = {"She": ("She", "He"), "she": ("she", "he"), "Her": ("Her", "His"), "her": ("her", "his")}
+VOCAB = {"obj": ["apples", "pens", "stamps", "marbles", "stickers", "shells", "cards", "books", "balloons",
+                 "coins", "pencils", "toys", "rocks", "beads"],
+         "food": ["cookies", "candies", "grapes", "muffins", "cherries", "nuts", "crackers", "plums"],
+         "thing": ["book", "kite", "ball", "game", "hat", "lamp", "puzzle"],
+         "vehicle": ["bus", "train", "car", "truck", "boat", "bike"]}
+CONTAINERS = [("box", "boxes"), ("bag", "bags"), ("pack", "packs"), ("jar", "jars"), ("basket", "baskets")]
+
+
+class _Reject(Exception):
+    """A drawn problem breaks a constraint (negative, too large, inexact division)."""
+
+
+class _Steps:
+    """The solver's calculator: f(x, op, y, say) computes one step, checks it, records it as
+    (sentence with the equation filled in, equation, value)."""
+
+    def __init__(self, fields: dict, limit: int | None):
+        self.fields, self.limit, self.steps = fields, limit, []
+
+    def __call__(self, x: int, op: str, y: int, say: str) -> int:
+        if op == "/" and (y == 0 or x % y):
+            raise _Reject
+        r = {"+": x + y, "-": x - y, "*": x * y, "/": x // max(y, 1)}[op]
+        if r < 0 or (self.limit is not None and r > self.limit):
+            raise _Reject
+        eq = f"{x} {op} {y} = {r}"
+        self.steps.append((say.format(e=eq, **self.fields), eq, r))
+        return r
+
+
+# Solvers: one line per step; `say` is the step as a sentence ({e} = the equation), lower case unless
+# it starts with a name, so it reads after "Then " and as "2. ...".
+def _shop(f, a, n, c, d, **_):
+    t = f(n, "*", c, "{X} buys {e} {obj}")
+    t = f(a, "+", t, "{X} has {e} {obj}")
+    f(t, "-", d, "after giving {d} to {Y}, {X} has {e} {obj}")
+
+
+def _share(f, n, c, d, k, **_):
+    t = f(n, "*", c, "{X} has {e} {food}")
+    t = f(t, "-", d, "after eating {d}, {X} has {e} {food} left")
+    f(t, "/", k, "each friend gets {e} {food}")
+
+
+def _share_found(f, a, b, k, **_):
+    t = f(a, "+", b, "together they find {e} {obj}")
+    f(t, "/", k, "each friend gets {e} {obj}")
+
+
+def _compare_sum(f, a, b, **_):
+    y = f(a, "+", b, "{Y} has {e} {obj}")
+    f(a, "+", y, "together they have {e} {obj}")
+
+
+def _compare_times(f, a, b, k, **_):
+    y = f(a, "-", b, "{Y} has {e} {obj}")
+    f(y, "*", k, "{Z} has {e} {obj}")
+
+
+def _compare_total(f, a, k, b, **_):
+    y = f(a, "*", k, "{Y} has {e}")
+    z = f(y, "-", b, "{Z} has {e}")
+    t = f(a, "+", y, "{X} and {Y} have {e}")
+    f(t, "+", z, "all three have {e} {obj}")
+
+
+def _ages_future(f, a, b, c, **_):
+    y = f(a, "+", b, "{Y} is {e} years old now")
+    f(y, "+", c, "in {c} years {Y} will be {e} years old")
+
+
+def _ages_past(f, a, k, b, c, **_):
+    y = f(a, "*", k, "{Y} is {e} years old")
+    z = f(y, "-", b, "{Z} is {e} years old")
+    f(z, "-", c, "{c} years ago {Z} was {e} years old")
+
+
+def _money_spend(f, a, n, c, **_):
+    t = f(n, "*", c, "the {obj} cost {e} dollars")
+    f(a, "-", t, "{X} has {e} dollars left")
+
+
+def _money_earn(f, a, b, n, c, **_):
+    t = f(b, "*", n, "{X} earns {e} dollars")
+    t = f(a, "+", t, "{X} has {e} dollars")
+    f(t, "-", c, "after buying the {thing}, {X} has {e} dollars")
+
+
+def _collect_two(f, a, b, **_):
+    t = f(a, "+", b, "on Tuesday {X} collects {e} {obj}")
+    f(a, "+", t, "in the two days {X} collects {e} {obj}")
+
+
+def _collect_three(f, a, k, b, **_):
+    t = f(a, "*", k, "{X} collects {e} on Tuesday")
+    w = f(t, "-", b, "{X} collects {e} on Wednesday")
+    s = f(a, "+", t, "{X} collects {e} on the first two days")
+    f(s, "+", w, "{X} collects {e} {obj} in all")
+
+
+def _travel(f, s, h, g, **_):
+    t = f(h, "+", g, "the {vehicle} travels for {e} hours")
+    f(t, "*", s, "the {vehicle} travels {e} miles")
+
+
+def _reading(f, c, s, h, b, **_):
+    t = f(s, "*", h, "{X} reads {e} pages in {h} days")
+    t = f(t, "+", b, "{X} reads {e} pages in all")
+    f(c, "-", t, "{X} still has {e} pages to read")
+
+
+def _boxes(f, c, n, d, **_):
+    t = f(n, "*", c, "the full {box} hold {e} {obj}")
+    f(t, "+", d, "{X} has {e} {obj}")
+
+
+def _transfer(f, a, b, c, **_):
+    x = f(a, "-", c, "{X} has {e} {obj} left")
+    y = f(b, "+", c, "{Y} has {e} {obj}")
+    f(y, "-", x, "{Y} has {e} more {obj} than {X}")
+
+
+# (name, prompt pattern, number ranges, solver). Scenarios: shopping, sharing, comparing, ages, money,
+# collecting, travel/reading, boxes, giving. Steps: 2 to 4.
+TEMPLATES = [
+    ("shop", "{X} has {a} {obj}. {She} buys {n} {box} of {c} {obj}. {She} gives {d} {obj} to {Y}. "
+             "How many {obj} does {X} have now?", dict(a=(2, 20), n=(2, 5), c=(2, 10), d=(2, 20)), _shop),
+    ("share", "{X} has {n} {box} with {c} {food} in each. {She} eats {d} of the {food}. {She} shares the rest "
+              "equally among {k} friends. How many {food} does each friend get?",
+     dict(n=(2, 5), c=(2, 12), d=(1, 10), k=(2, 6)), _share),
+    ("share_found", "{X} finds {a} {obj} and {Y} finds {b} {obj}. They share them equally among {k} friends. "
+                    "How many {obj} does each friend get?", dict(a=(2, 20), b=(2, 20), k=(2, 6)), _share_found),
+    ("compare_sum", "{X} has {a} {obj}. {Y} has {b} more {obj} than {X}. How many {obj} do {X} and {Y} have "
+                    "altogether?", dict(a=(2, 20), b=(2, 20)), _compare_sum),
+    ("compare_times", "{X} has {a} {obj}. {Y} has {b} fewer {obj} than {X}. {Z} has {k} times as many {obj} "
+                      "as {Y}. How many {obj} does {Z} have?", dict(a=(3, 20), b=(1, 15), k=(2, 5)), _compare_times),
+    ("compare_total", "{X} has {a} {obj}. {Y} has {k} times as many {obj} as {X}. {Z} has {b} fewer {obj} "
+                      "than {Y}. How many {obj} do the three of them have altogether?",
+     dict(a=(2, 20), k=(2, 4), b=(2, 15)), _compare_total),
+    ("ages_future", "{X} is {a} years old. {Y} is {b} years older than {X}. How old will {Y} be in {c} years?",
+     dict(a=(3, 15), b=(2, 12), c=(2, 10)), _ages_future),
+    ("ages_past", "{X} is {a} years old. {Y} is {k} times as old as {X}. {Z} is {b} years younger than {Y}. "
+                  "How old was {Z} {c} years ago?", dict(a=(2, 12), k=(2, 4), b=(2, 15), c=(2, 10)), _ages_past),
+    ("money_spend", "{X} has {a} dollars. {She} buys {n} {obj} for {c} dollars each. How many dollars does {X} "
+                    "have left?", dict(a=(10, 50), n=(2, 5), c=(2, 9)), _money_spend),
+    ("money_earn", "{X} has {a} dollars. {She} earns {b} dollars each day for {n} days. Then {she} buys a "
+                   "{thing} for {c} dollars. How many dollars does {X} have now?",
+     dict(a=(2, 20), b=(2, 10), n=(2, 6), c=(5, 30)), _money_earn),
+    ("collect_two", "{X} collects {a} {obj} on Monday. On Tuesday {she} collects {b} more {obj} than on Monday. "
+                    "How many {obj} does {X} collect in the two days?", dict(a=(2, 20), b=(2, 20)), _collect_two),
+    ("collect_three", "{X} collects {a} {obj} on Monday. On Tuesday {she} collects {k} times as many {obj} as "
+                      "on Monday. On Wednesday {she} collects {b} fewer {obj} than on Tuesday. How many {obj} "
+                      "does {X} collect in the three days?", dict(a=(2, 15), k=(2, 4), b=(2, 15)), _collect_three),
+    ("travel", "A {vehicle} travels {s} miles each hour. It travels for {h} hours in the morning and {g} hours "
+               "in the afternoon. How many miles does the {vehicle} travel in total?",
+     dict(s=(2, 20), h=(2, 6), g=(2, 6)), _travel),
+    ("reading", "A book has {c} pages. {X} reads {s} pages each day for {h} days and then {b} more pages. "
+                "How many pages does {X} still have to read?", dict(c=(30, 120), s=(2, 15), h=(2, 6), b=(2, 10)),
+     _reading),
+    ("boxes", "A {boxs} holds {c} {obj}. {X} fills {n} {box} and has {d} {obj} left over. How many {obj} does "
+              "{X} have in all?", dict(c=(2, 12), n=(2, 9), d=(2, 11)), _boxes),
+    ("transfer", "{X} has {a} {obj} and {Y} has {b} {obj}. {X} gives {c} {obj} to {Y}. How many more {obj} "
+                 "does {Y} have than {X} now?", dict(a=(5, 20), b=(2, 20), c=(2, 10)), _transfer),
+]
+
+
+def _field_regex(field: str, ranges: dict) -> str:
+    if field in ranges:
+        return r"\d+"
+    if field in ("X", "Y", "Z"):
+        return r"[A-Z][a-z]+"
+    if field in PRONOUNS:
+        return "|".join(PRONOUNS[field])
+    return r"[a-z]+"  # objects, containers, vehicles: any word, so the teacher handles unseen ones
+
+
+def _compile(pattern: str, ranges: dict) -> re.Pattern:
+    # "{X} has {a} {obj}. ... {X}" -> "(?P<X>[A-Z][a-z]+) has (?P<a>\d+) (?P<obj>[a-z]+)\. ... (?P=X)"
+    out, seen, pos = [], set(), 0
+    for m in re.finditer(r"\{(\w+)\}", pattern):
+        f = m.group(1)
+        out.append(re.escape(pattern[pos:m.start()]))
+        out.append(f"(?P={f})" if f in seen else f"(?P<{f}>{_field_regex(f, ranges)})")
+        seen.add(f)
+        pos = m.end()
+    return re.compile("".join(out) + re.escape(pattern[pos:]))
+
+
+_PARSERS = [(name, _compile(pattern, ranges), ranges, solve) for name, pattern, ranges, solve in TEMPLATES]
+
+
+def _fields_of(pattern: str) -> list[str]:
+    return list(dict.fromkeys(re.findall(r"\{(\w+)\}", pattern)))  # unique, in order: a fixed draw order
+
+
+def _draw_fields(pattern: str, ranges: dict, rng: random.Random) -> dict:
+    names = rng.sample(sorted(NAMES), 3)
+    box = rng.choice(CONTAINERS)
+    v = {}
+    for f in _fields_of(pattern):
+        if f in ranges:
+            v[f] = rng.randint(*ranges[f])
+        elif f in ("X", "Y", "Z"):
+            v[f] = names["XYZ".index(f)]
+        elif f in PRONOUNS:
+            v[f] = PRONOUNS[f][NAMES[names[0]]]  # pronouns always refer to X
+        elif f in ("box", "boxs"):
+            v[f] = box[1] if f == "box" else box[0]
+        else:
+            v[f] = rng.choice(VOCAB[f])
+    return v
+
+
+def _is_eval(name: str, v: dict, ranges: dict) -> bool:
+    # The split hashes the problem's arithmetic (template and numbers), not its names or objects, and not
+    # the seed: an eval problem is never a train problem in other words, whatever seeds are used.
+    return _unit(json.dumps([name] + [v[k] for k in sorted(ranges)])) < EVAL_FRACTION
+
+
+def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
+    """n distinct problems {id, prompt, answer (str of an int), template}, templates drawn uniformly.
+    Train and eval problems never share their arithmetic (see _is_eval); a template whose problems run
+    out leaves the draw."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"world:{split}:{seed}")
+    out, seen, pool = [], set(), list(range(len(TEMPLATES)))
+    while len(out) < n:
+        if not pool:
+            raise ValueError(f"only {len(out)} distinct {split} problems exist; ask for fewer")
+        t = rng.choice(pool)
+        name, pattern, ranges, solve = TEMPLATES[t]
+        for _ in range(2000):  # redraw numbers until they fit: every template stays equally likely
+            v = _draw_fields(pattern, ranges, rng)
+            key = (name, tuple(v[k] for k in sorted(ranges)))
+            if key in seen or _is_eval(name, v, ranges) != (split == "eval"):
+                continue
+            steps = _Steps(v, MAX_VALUE)
+            try:
+                solve(steps, **v)
+            except _Reject:
+                continue
+            break
+        else:  # 2000 draws without a new problem: this template is used up
+            pool.remove(t)
+            continue
+        seen.add(key)
+        prompt = pattern.format(**v)
+        out.append({"id": f"{split}-{_short_hash(prompt, 12)}", "prompt": prompt,
+                    "answer": str(steps.steps[-1][2]), "template": name})
+    return out
+
+
+def _parse(text: str):
+    """Prompt text -> the solver's steps, or None if no template matches or the numbers do not work out."""
+    text = " ".join(text.split())
+    for _, regex, ranges, solve in _PARSERS:
+        m = regex.fullmatch(text)
+        if m:
+            v = {k: int(x) if k in ranges else x for k, x in m.groupdict().items()}
+            steps = _Steps(v, None)  # no size limit: the teacher solves larger numbers too
+            try:
+                solve(steps, **v)
+            except _Reject:
+                return None
+            return steps.steps
+    return None
+
+
+def solve(prompt_text: str) -> int | None:
+    steps = _parse(prompt_text)
+    return None if steps is None else steps[-1][2]
+
+
+STYLES = ("equations", "steps", "prose")
+
+
+def teacher_solution(prompt_text: str, rng: random.Random, style: str | None = None) -> str | None:
+    """What the black-box teacher answers: a correct step-by-step solution in a phrasing drawn with rng
+    (like an LLM sampling), ending with `#### N`; None if the prompt is not a world problem."""
+    steps = _parse(prompt_text)
+    if steps is None:
+        return None
+    style = style or rng.choice(STYLES)
+    answer = steps[-1][2]
+    if style == "equations":
+        lines = [eq for _, eq, _ in steps]
+    elif style == "steps":
+        lines = [f"{i}. {say[0].upper()}{say[1:]}." for i, (say, _, _) in enumerate(steps, 1)]
+    elif style == "prose":
+        words = ["First, "] + [rng.choice(["Then ", "Next, "]) for _ in steps[1:-1]] + ["So "]
+        lines = [" ".join(f"{w}{say}." for w, (say, _, _) in zip(words, steps)), f"The answer is {answer}."]
+    else:
+        raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
+    return "\n".join(lines + [f"#### {answer}"])
+
+
+def _equation(rng: random.Random) -> str:
+    op = rng.choice("+-*/")
+    if op == "+":
+        a, b = rng.randint(0, rng.choice([20, 100, 180])), rng.randint(0, 20)
+        a, b, r = (b, a, a + b) if rng.random() < 0.5 else (a, b, a + b)
+    elif op == "-":
+        r, b = rng.randint(0, rng.choice([20, 100, 180])), rng.randint(0, 20)
+        a = r + b
+    elif op == "*":
+        a, b = rng.randint(0, 20), rng.randint(0, 10)
+        r = a * b
+    else:
+        r, b = rng.randint(0, 20), rng.randint(1, 10)
+        a = r * b
+    if rng.random() < 0.7:
+        return f"{a} {op} {b} = {r}"
+    word = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}[op]
+    return f"{a} {word} {b} is {r}"
+
+
+def pretrain_corpus(n: int, seed: int) -> list[str]:
+    """n short plain-text documents for the base models: equations ("7 + 5 = 12", "3 times 4 is 12") and
+    world statements ("Mia has 6 apples.", "A box holds 4 pens."), one a line. No questions and no
+    step-by-step solutions: how to solve a problem is what the teacher's data teaches."""
+    rng = random.Random(f"corpus:{seed}")
+    statements = [(re.split(r"(?<=\.) ", pattern)[:-1], pattern, ranges) for _, pattern, ranges, _ in TEMPLATES]
+    docs = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.randint(3, 7)):
+            if rng.random() < 0.5:
+                lines.append(_equation(rng))
+            else:
+                sentences, pattern, ranges = rng.choice(statements)
+                v = _draw_fields(pattern, ranges, rng)
+                lines.append(rng.choice(sentences).format(**v))
+        docs.append("\n".join(lines))
+    return docs
+
+
+def world_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:
+    """The embedded world's tokenizer: BPE on the pretraining corpus plus train problems and teacher
+    solutions in every style (so the solutions' words are tokens too). Eval problems are not used."""
+    rng = random.Random(seed)
+    texts = pretrain_corpus(2000, seed)
+    for p in make_problems(500, seed, "train"):
+        texts += [p["prompt"]] + [teacher_solution(p["prompt"], rng, s) for s in STYLES]
+    return train_tokenizer(texts, vocab_size)

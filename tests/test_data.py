@@ -1,0 +1,420 @@
+"""data.py: JSONL reading, the split, tokenizer and chat formats, masks, batching, scoring, the world."""
+import json
+import random
+import re
+import time
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import data
+from data import IGNORE_INDEX, DataError
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.world_tokenizer(1024, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+
+json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                          lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(), kids, max_size=3),
+                          max_leaves=8)
+json_row = st.dictionaries(st.text(), json_value, max_size=4)
+
+
+@FAST
+@given(rows=st.lists(json_row, max_size=6), crlf=st.booleans(), bom=st.booleans(), final_newline=st.booleans(),
+       blanks=st.lists(st.sampled_from(["", "  ", "\t", " \r"]), max_size=6), ascii_only=st.booleans())
+def test_read_jsonl_tolerates_line_endings_bom_blank_lines(tmp_path, rows, crlf, bom, final_newline, blanks,
+                                                           ascii_only):
+    lines = [json.dumps(r, ensure_ascii=ascii_only) for r in rows]
+    for i, b in enumerate(blanks):  # blank lines anywhere
+        lines.insert(i * 7 % (len(lines) + 1), b)
+    nl = "\r\n" if crlf else "\n"
+    text = ("\ufeff" if bom else "") + nl.join(lines) + (nl if final_newline else "")
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(text.encode("utf-8"))
+    assert data.read_jsonl(p) == rows
+
+
+@FAST
+@given(rows=st.lists(json_row, min_size=1, max_size=5))
+def test_write_then_read_roundtrips(tmp_path, rows):
+    p = tmp_path / "sub" / "y.jsonl"
+    data.write_jsonl(p, rows)
+    assert data.read_jsonl(p) == rows
+    assert [q.name for q in p.parent.iterdir()] == ["y.jsonl"]  # no temporary left behind
+
+
+def test_separators_inside_strings_do_not_split_records(tmp_path):
+    rows = [{"prompt": "a\u2028b\u0085c\u2029d\x1ce"}, {"prompt": "\ud800 lone surrogate"}]
+    p = tmp_path / "z.jsonl"
+    data.write_jsonl(p, rows)
+    assert data.read_jsonl(p) == rows
+
+
+@pytest.mark.parametrize("content, line, expected", [
+    ('{"a": 1}\n\n{"a": 2\n', 3, "expected one JSON object per line"),
+    ('{"a": 1}\n[1, 2]\n', 2, "expected a JSON object, got a JSON list"),
+    ('{"a": 1}\r\n"s"', 2, "expected a JSON object"),
+])
+def test_bad_line_names_path_and_line(tmp_path, content, line, expected):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content, encoding="utf-8", newline="")
+    with pytest.raises(DataError) as e:
+        data.read_jsonl(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:{line}: ") and expected in msg and "\n" not in msg
+
+
+def test_bad_utf8_names_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"^{p}:2: expected UTF-8"):
+        data.read_jsonl(p)
+
+
+def write(tmp_path, rows, name="f.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+def test_read_prompts_ids_messages_answers(tmp_path):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    p = write(tmp_path, [{"prompt": "hi"}, {"id": 7, "messages": msgs, "answer": 4},
+                         {"question": "GSM8K style?", "answer": "... so 3.\n#### 3", "extra": [1]}])
+    rows = data.read_prompts(p)
+    assert rows[0]["id"] == data.make_id({"prompt": "hi"}) and len(rows[0]["id"]) == 16
+    assert rows[0]["id"] == data.make_id({"messages": [{"role": "user", "content": "hi"}]})  # same request, same id
+    assert rows[1]["id"] == "7" and rows[1]["answer"] == "4" and data.messages_of(rows[1]) == msgs
+    assert rows[2]["prompt"] == "GSM8K style?" and rows[2]["extra"] == [1]
+    assert data.messages_of(rows[0]) == [{"role": "user", "content": "hi"}]
+    assert data.read_prompts(p) == rows  # generated ids are stable
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"id": "a"}, 'expected "prompt" (a string) or "messages"'),
+    ({"prompt": 3}, 'expected "prompt" (a string)'),
+    ({"messages": []}, 'expected "messages" to be a non-empty list'),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "expected messages[0] to be"),
+    ({"prompt": "x", "answer": [1]}, 'expected "answer" to be a string or a number'),
+    ({"prompt": "x", "id": 1.5}, 'expected "id" to be a string or an integer'),
+])
+def test_read_prompts_bad_rows(tmp_path, row, expected):
+    p = write(tmp_path, [{"prompt": "ok"}, row])
+    with pytest.raises(DataError) as e:
+        data.read_prompts(p)
+    assert str(e.value).startswith(f"{p}:2: ") and expected in str(e.value)
+
+
+def test_read_prompts_duplicates(tmp_path, capsys):
+    p = write(tmp_path, [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}, {"id": "x", "prompt": "a"}])
+    assert [r["prompt"] for r in data.read_prompts(p)] == ["a", "b", "a"]  # the explicit id is another row
+    assert "dropped 1 repeated" in capsys.readouterr().err
+    p = write(tmp_path, [{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}])
+    with pytest.raises(DataError, match=r':2: duplicate id "x" \(first on line 1\)'):
+        data.read_prompts(p)
+
+
+def test_read_teacher_drops_unfinished_with_a_count(tmp_path, capsys):
+    p = write(tmp_path, [{"id": "1", "prompt": "a", "response": "r", "finish_reason": "stop"},
+                         {"id": "2", "prompt": "b", "response": "r", "finish_reason": "length"},
+                         {"id": "3", "prompt": "c", "response": "r", "finish_reason": "content_filter"},
+                         {"prompt": "d", "response": "r"}])
+    assert [r["id"] for r in data.read_teacher(p)] == ["1", data.make_id({"prompt": "d"})]
+    assert "dropped 2 rows" in capsys.readouterr().err
+    assert len(data.read_teacher(p, keep_unfinished=True)) == 4
+    with pytest.raises(DataError, match=r':1: expected "response" to be a string, got nothing'):
+        data.read_teacher(write(tmp_path, [{"prompt": "a"}]))
+
+
+def test_read_pairs(tmp_path):
+    p = write(tmp_path, [{"prompt": "a", "chosen": "x", "rejected": "y"}])
+    assert data.read_pairs(p)[0]["id"] == data.make_id({"prompt": "a"})
+    with pytest.raises(DataError, match=r':1: expected "rejected" to be a string, got a JSON int'):
+        data.read_pairs(write(tmp_path, [{"prompt": "a", "chosen": "x", "rejected": 1}]))
+
+
+# ------------------------------------------------------------------------------------------- split
+
+def test_split_stable_disjoint_covering_and_proportional():
+    rows = [{"id": f"r{i}"} for i in range(20000)]
+    w, p, s = data.split_three(rows, seed=1)
+    ids = [{r["id"] for r in part} for part in (w, p, s)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert set().union(*ids) == {r["id"] for r in rows} and len(w) + len(p) + len(s) == len(rows)
+    for part, frac in zip((w, p, s), (0.1, 0.45, 0.45)):
+        assert abs(len(part) / len(rows) - frac) < 0.015  # ~4 standard deviations of a binomial
+    # Stable: a row's set does not depend on the other rows or their order; the seed changes it.
+    sub = list(reversed(rows[::7]))
+    for part, ref in zip(data.split_three(sub, seed=1), ids):
+        assert {r["id"] for r in part} <= ref
+    assert {r["id"] for r in data.split_three(rows, seed=2)[0]} != ids[0]
+    # All rows of one prompt (one id) go together.
+    dup = [{"id": "same", "k": i} for i in range(5)]
+    assert sorted(len(x) for x in data.split_three(dup, seed=0)) == [0, 0, 5]
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_trains_fast_and_splits_digits(tok):
+    t = time.perf_counter()
+    data.world_tokenizer(1024, seed=1)
+    assert time.perf_counter() - t < 3.0
+    assert 500 < tok.get_vocab_size() <= 1024
+    assert all(tok.token_to_id(s) is not None for s in data.SPECIALS)
+    for t_ in tok.get_vocab():
+        if any(c.isdigit() for c in t_):
+            assert len(t_) == 1, t_  # every digit its own token
+    assert tok.encode("She has 1234 pens.", add_special_tokens=False).tokens[3:7] == ["1", "2", "3", "4"]
+
+
+@FAST
+@given(text=st.text(max_size=60))
+def test_tokenizer_roundtrips_any_text(tok, text):
+    text = text.replace("<|", "<")  # a literal special token in the text is the special token, by design
+    assert tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=False) == text
+
+
+def test_special_ids_for_world_and_llama3_like_tokenizers(tok):
+    ids = data.special_ids(tok)
+    assert [tok.id_to_token(ids[k]) for k in ("bos", "eos", "pad")] == ["<|bos|>", "<|eos|>", "<|pad|>"]
+    from tokenizers import Tokenizer, models
+    llama3 = Tokenizer(models.BPE())
+    llama3.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    ids = data.special_ids(llama3)
+    assert ids == {"bos": 0, "eos": 1, "pad": 1}  # no pad token: pad is eos
+    assert data.stop_ids(llama3, "llama3") == [1, 2]
+    with pytest.raises(DataError, match="no <|im_start|> token"):
+        data.encode_prompt(llama3, "x", "chatml")
+
+
+def test_save_load_and_guess_format(tok, tmp_path):
+    data.save_tokenizer(tok, tmp_path / "a")
+    back = data.load_tokenizer(tmp_path / "a")
+    assert back.encode("Mia has 12 pens.").ids == tok.encode("Mia has 12 pens.").ids
+    assert data.guess_format(tmp_path / "a") == "plain"
+    data.save_tokenizer(back, tmp_path / "b", fmt="llama3")
+    assert data.guess_format(tmp_path / "b") == "llama3"
+    data.save_tokenizer(data.load_tokenizer(tmp_path / "b"), tmp_path / "c")  # a loaded format is kept
+    assert data.guess_format(tmp_path / "c") == "llama3"
+    # A real model directory: the format comes from its chat template, and it survives a save.
+    real = tmp_path / "real"
+    data.save_tokenizer(tok, real)
+    (real / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '<|im_start|>' }}"}))
+    assert data.guess_format(real) == "chatml"
+    data.save_tokenizer(data.load_tokenizer(real), tmp_path / "d")
+    assert data.guess_format(tmp_path / "d") == "chatml"
+    (real / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": "<|start_header_id|>{{ m }}"}]}))
+    assert data.guess_format(real) == "llama3"
+    assert data.guess_format(tmp_path / "nothing-here") == "plain"
+    with pytest.raises(DataError, match="expected a tokenizers tokenizer.json"):
+        (tmp_path / "junk.json").write_text("{}")
+        data.load_tokenizer(tmp_path / "junk.json")
+    with pytest.raises(DataError, match="no such file"):
+        data.load_tokenizer(tmp_path / "nothing-here")
+
+
+# ------------------------------------------------------------------------------------ chat formats
+
+PROMPTS = ["Mia has 6 apples. How many?", [{"role": "system", "content": "Be exact."},
+                                          {"role": "user", "content": "  2 + 3?\n"}]]
+EXPECTED = {  # the exact rendered text of (PROMPTS[1], "5")
+    "plain": "<|bos|>Be exact.\n  2 + 3?\n\n5<|eos|>",
+    "chatml": "<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n  2 + 3?\n<|im_end|>\n"
+              "<|im_start|>assistant\n5<|im_end|>",
+    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe exact.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\n2 + 3?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n5<|eot_id|>",
+}
+
+
+@pytest.mark.parametrize("fmt", data.FORMATS)
+def test_format_renders_the_real_template(tok, fmt):
+    ids, _ = data.encode_pair(tok, PROMPTS[1], "5", fmt)
+    assert tok.decode(ids, skip_special_tokens=False) == EXPECTED[fmt]
+
+
+def check_mask(tok, prompt, response, fmt):
+    ids, labels = data.encode_pair(tok, prompt, response, fmt)
+    prefix = data.encode_prompt(tok, prompt, fmt)
+    assert len(ids) == len(labels) and ids[:len(prefix)] == prefix  # the generation prompt is a prefix
+    assert labels[:len(prefix)] == [IGNORE_INDEX] * len(prefix)
+    assert labels[len(prefix):] == ids[len(prefix):]  # every response token (and the end) is a target
+    eot = {"plain": "<|eos|>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[fmt]
+    assert tok.decode(labels[len(prefix):], skip_special_tokens=False) == response + eot
+    assert labels[-1] in data.stop_ids(tok, fmt)
+
+
+@pytest.mark.parametrize("fmt", data.FORMATS)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_mask_covers_exactly_the_response(tok, fmt, prompt):
+    check_mask(tok, prompt, "First, 3 * 4 = 12.\n#### 12", fmt)
+
+
+@FAST
+@given(prompt=st.text(max_size=40), response=st.text(max_size=40), fmt=st.sampled_from(data.FORMATS))
+def test_mask_property(tok, prompt, response, fmt):
+    prompt, response = prompt.replace("<|", "<"), response.replace("<|", "<")
+    check_mask(tok, prompt, response, fmt)
+
+
+@pytest.mark.parametrize("fmt", data.FORMATS)
+def test_saved_chat_template_matches_in_transformers(tok, tmp_path, fmt):
+    transformers = pytest.importorskip("transformers")
+    data.save_tokenizer(tok, tmp_path, fmt=fmt)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for prompt in PROMPTS:
+        msgs = data._as_messages(prompt)
+        ref = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+        assert list(ref) == data.encode_prompt(tok, prompt, fmt)
+
+
+# -------------------------------------------------------------------------- truncation and batching
+
+def test_truncate_keeps_prompt_end_and_response_start():
+    P, R = [IGNORE_INDEX] * 10, list(range(100, 130))  # prompt 10 tokens, response 30
+    ids, labels = list(range(10)) + R, P + R
+    assert data.truncate(ids, labels, 64) == (ids, labels)
+    assert data.truncate(ids, labels, 20) == (list(range(0, 10)) + R[:10], P + R[:10])  # short prompt kept whole
+    assert data.truncate(ids, labels, 8) == (list(range(6, 10)) + R[:4], P[:4] + R[:4])  # both long: halves
+    long_p = list(range(50)) + R[:3]
+    assert data.truncate(long_p, [IGNORE_INDEX] * 50 + R[:3], 10)[0] == list(range(43, 50)) + R[:3]
+    rows = [{"prompt": "x" * n, "response": "y"} for n in (1, 200)]
+    pairs, cut = data.encode_rows(data.train_tokenizer(["x y"], 300), rows, "plain", 64)
+    assert cut == 1 and max(len(i) for i, _ in pairs) == 64
+
+
+def test_collate_right_pads():
+    b = data.collate([([1, 2, 3], [IGNORE_INDEX, 2, 3]), ([4], [4])], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(v.dtype == torch.long for v in b.values())
+
+
+def test_batch_order_deterministic_complete_and_length_grouped():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    a = data.batch_order(lengths, 8, seed=3, epoch=0, window=10)
+    assert a == data.batch_order(lengths, 8, seed=3, epoch=0, window=10)
+    assert a != data.batch_order(lengths, 8, seed=3, epoch=1, window=10)
+    assert sorted(i for b in a for i in b) == list(range(1000)) and all(len(b) <= 8 for b in a)
+    pad = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    shuffled = list(range(1000))
+    rng.shuffle(shuffled)
+    assert pad(a) < 0.2 * pad([shuffled[i:i + 8] for i in range(0, 1000, 8)])
+    firsts = [min(lengths[i] for i in b) for b in a]
+    assert firsts != sorted(firsts)  # batches are shuffled, not short-to-long
+
+
+# ------------------------------------------------------------------------------ answers and scoring
+
+@pytest.mark.parametrize("text, answer", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72"),
+    ("So the total is $1,234.\n#### $1,234.", "1234"),
+    ("#### 1,000,000", "1000000"),
+    ("The answer is 18.", "18"),
+    ("5 - 3 = 2", "2"),
+    ("x = -3", "-3"),
+    ("It costs 2.50 dollars, then 3,4", "4"),
+    ("#### 12.0", "12"),
+    ("#### -7", "-7"),
+    ("Step 1: 7 + 5 = 12\n####\nso 13", "13"),  # an empty #### line: fall back to the last number
+    ("no numbers here", None),
+    ("", None),
+])
+def test_extract_answer(text, answer):
+    assert data.extract_answer(text) == answer
+
+
+def test_is_correct():
+    assert data.is_correct("6 + 12 = 18\n#### 18", "18")
+    assert data.is_correct("#### 18", 18) and data.is_correct("#### 18.00", "18")
+    assert data.is_correct("#### 72", "She sold 48+24 = 72.\n#### 72")  # a GSM8K answer field
+    assert not data.is_correct("#### 18\nor 19", "19")  # the #### line wins over later numbers
+    assert not data.is_correct("#### 17", "18") and not data.is_correct("no answer", "18")
+    assert not data.is_correct("#### 18", None) and not data.is_correct("18", "")
+
+
+# ------------------------------------------------------------------------------------------- world
+
+@pytest.fixture(scope="module")
+def train_eval():
+    return data.make_problems(2000, seed=0), data.make_problems(400, seed=0, split="eval")
+
+
+def test_world_sets_deterministic_distinct_and_disjoint(train_eval):
+    train, ev = train_eval
+    assert data.make_problems(50, seed=0) == train[:50]
+    assert data.make_problems(50, seed=1) != train[:50]
+    for rows in train_eval:
+        assert len({r["id"] for r in rows}) == len({r["prompt"] for r in rows}) == len(rows)
+    # Never a shared problem, not even in other words: compare the arithmetic (template and numbers),
+    # here across other seeds too.
+    arith = lambda rows: {(r["template"], data._parse(r["prompt"])[-1][1],
+                           tuple(int(x) for x in re.findall(r"\d+", r["prompt"]))) for r in rows}
+    other_train = data.make_problems(2000, seed=7)
+    assert not arith(train + other_train) & arith(ev + data.make_problems(300, seed=5, split="eval"))
+    assert set(Counter(r["template"] for r in train)) == {t[0] for t in data.TEMPLATES}
+    assert len(data.TEMPLATES) >= 6
+
+
+def test_world_numbers_are_small(train_eval, tok):
+    for r in train_eval[0] + train_eval[1]:
+        steps = data._parse(r["prompt"])
+        assert 2 <= len(steps) <= 4
+        assert all(0 <= v <= data.MAX_VALUE for _, _, v in steps)
+        assert len(tok.encode(r["prompt"]).ids) <= 60
+
+
+def test_teacher_solution_is_right_in_every_style(train_eval):
+    rng = random.Random(0)
+    for r in train_eval[0][:600] + train_eval[1]:
+        assert data.solve(r["prompt"]) == int(r["answer"])
+        for style in data.STYLES:
+            text = data.teacher_solution(r["prompt"], rng, style)
+            assert text.endswith(f"\n#### {r['answer']}") and data.is_correct(text, r["answer"]), text
+    drawn = Counter(data.teacher_solution(train_eval[0][0]["prompt"], rng).split("\n")[0][:2] for _ in range(60))
+    assert len(drawn) == 3  # the teacher samples its phrasing
+
+
+def test_teacher_reads_text_not_templates():
+    # Hand-written prompts (other names, objects, spacing) and hand-computed answers.
+    cases = [("Kim has 7 plums. She buys 2 crates of 6 plums. She gives 4 plums to Al. "
+              "How many plums does Kim have now?", 15),
+             ("Dan is 9 years old.  Eve is 3 years older than Dan.\nHow old will Eve be in 10 years?", 22),
+             ("Al has 300 dollars. He buys 4 lamps for 25 dollars each. How many dollars does Al have left?", 200),
+             ("A van travels 15 miles each hour. It travels for 2 hours in the morning and 3 hours in the "
+              "afternoon. How many miles does the van travel in total?", 75),
+             ("Bo has 3 bags with 5 nuts in each. He eats 3 of the nuts. He shares the rest equally among "
+              "4 friends. How many nuts does each friend get?", 3)]
+    for prompt, answer in cases:
+        assert data.solve(prompt) == answer
+        assert data.is_correct(data.teacher_solution(prompt, random.Random(1)), answer)
+    assert data.solve("Bo has 3 bags with 5 nuts in each. He eats 2 of the nuts. He shares the rest "
+                      "equally among 4 friends. How many nuts does each friend get?") is None  # 13 / 4
+    assert data.teacher_solution("What is the capital of France?", random.Random(0)) is None
+
+
+def test_pretrain_corpus_is_plain_text_not_solutions():
+    docs = data.pretrain_corpus(300, seed=0)
+    assert docs == data.pretrain_corpus(300, seed=0) and docs != data.pretrain_corpus(300, seed=1)
+    lines = [line for d in docs for line in d.split("\n")]
+    assert not any("####" in line or "?" in line or "answer" in line for line in lines)
+    eqs = [line for line in lines if " = " in line]
+    assert len(eqs) > 300
+    for line in eqs:
+        lhs, rhs = line.split(" = ")
+        assert eval(lhs.replace("/", "//")) == int(rhs)  # noqa: S307 (our own generated digits)
+    assert any(" has " in line for line in lines) and any(" times " in line for line in lines)
