@@ -1,0 +1,374 @@
+"""Stage 1 of Proxy-KD: align a white-box proxy to the black-box teacher (paper §3.1).
+
+    sft    warm-up: NLL on the teacher's responses (prompt masked), one epoch over D_w. The same loop
+           pretrains the embedded world's bases on plain text (rows with "text": every token is a target).
+    align  K rounds over chunks of D_p. Round k: sample one response ŷ per prompt from the current proxy
+           (temperature 1.0, top-p 0.8); log-probs of y and ŷ under the proxy as it is at the start of the
+           round (π_p^{k-1}, the DPO reference), computed once and stored; then train on
+           NLL(y) + DPO(chosen = teacher y, rejected = ŷ) with unit weights; save the round's proxy.
+
+    python proxy_align.py sft --init tiny-proxy --tokenizer runs/world/tokenizer.json --data corpus.jsonl --out runs/proxy_base
+    python proxy_align.py sft --init runs/proxy_base --data runs/x/D_w.jsonl --out runs/x/proxy_sft
+    python proxy_align.py align --init runs/x/proxy_sft --data runs/x/D_p.jsonl --rounds 16 --out runs/x/proxy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from model import CheckpointError, generate, token_logprobs
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """DPO (Rafailov et al. 2023, eq. 7; Proxy-KD eq. 3), per example. All inputs [B] fp32 sequence
+    log-probs (summed or length-averaged, as the caller chose).
+
+        loss_i = -log σ(β · [(log π(y_i) - log π_ref(y_i)) - (log π(ŷ_i) - log π_ref(ŷ_i))])
+
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are β·(log π - log π_ref),
+    detached: they are for logging (reward accuracy = chosen > rejected, margin = chosen - rejected)."""
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def sequence_logps(fwd, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of response-token log-probs [N], their counts [N], and the per-token log-probs."""
+    mask = batch["labels"][:, 1:] != data.IGNORE_INDEX
+    lp = token_logprobs(fwd, batch["input_ids"], batch["attention_mask"], mask=mask)
+    return (lp * mask).sum(-1), mask.sum(-1).float(), lp
+
+
+def reduce_logps(sums, counts, mode: str):
+    """`mean`: length-averaged (the authors' code, with β = 1); `sum`: standard DPO (β ≈ 0.1)."""
+    return sums / counts.clamp(min=1) if mode == "mean" else sums
+
+
+def align_loss_fn(beta: float, mode: str):
+    """loss = NLL(y) / window tokens + Σ DPO_i / window pairs (unit weights, paper eq. 4).
+
+    The batch holds B chosen rows then B rejected rows (one forward for both, as in the DPO reference
+    implementation) plus the stored reference sums/counts of each."""
+    def loss_fn(fwd, batch, norm):
+        sums, counts, _ = sequence_logps(fwd, batch)
+        B = batch["ref_chosen"].shape[0]
+        pol = reduce_logps(sums, counts, mode)
+        ref_c = reduce_logps(batch["ref_chosen"], counts[:B], mode)
+        ref_r = reduce_logps(batch["ref_rejected"], counts[B:], mode)
+        losses, cr, rr = dpo_loss(pol[:B], pol[B:], ref_c, ref_r, beta)
+        nll = -sums[:B].sum() / norm["tokens"]
+        dpo = losses.sum() / norm["pairs"]
+        return nll + dpo, {"nll": nll, "dpo": dpo, "reward_acc": (cr > rr).float().sum() / norm["pairs"],
+                           "margin": (cr - rr).sum() / norm["pairs"], "chosen_reward": cr.sum() / norm["pairs"],
+                           "rejected_reward": rr.sum() / norm["pairs"]}
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------- data prep
+
+def teacher_rows(path, fmt_check=True) -> list[dict]:
+    rows = data.read_teacher(path)
+    if not rows:
+        train.fail(f"{path}: no usable teacher responses")
+    return rows
+
+
+def encode_rows(tok, rows, fmt: str, max_len: int) -> tuple[list[train.Seq], int]:
+    """Teacher rows -> masked SFT sequences; plain-text rows ({"text"}) -> every token a target."""
+    seqs, cut = [], 0
+    ids_ = data.special_ids(tok)
+    for r in rows:
+        if "text" in r and "response" not in r:
+            ids = [ids_["bos"]] + tok.encode(r["text"], add_special_tokens=False).ids + [ids_["eos"]]
+            labels = list(ids)
+        else:
+            ids, labels = data.encode_pair(tok, data.messages_of(r), r["response"], fmt)
+        n = len(ids)
+        ids, labels = data.truncate(ids, labels, max_len)
+        cut += len(ids) < n
+        seqs.append(train.Seq(ids, labels))
+    return seqs, cut
+
+
+def load_tok_and_format(args):
+    src = args.tokenizer or args.init
+    try:
+        tok = data.load_tokenizer(src)
+    except (OSError, Exception) as e:  # tokenizers raises plain Exceptions for bad files
+        train.fail(f"{src}: cannot load a tokenizer ({e}); pass --tokenizer for a named --init size")
+    fmt = args.format or (data.guess_format(args.init) if Path(args.init).is_dir() else "plain")
+    return tok, fmt
+
+
+# --------------------------------------------------------------------------------------------- sft
+
+def cmd_sft(args):
+    device = train.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    tok, fmt = load_tok_and_format(args)
+    rows = data.read_jsonl(args.data) if _is_text_file(args.data) else teacher_rows(args.data)
+    seqs, cut = encode_rows(tok, rows, fmt, args.max_len)
+    if cut:
+        print(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}", flush=True)
+    model = train.load_model(args.init, tok, device, seed=args.seed, lora_rank=args.lora_rank,
+                             lora_alpha=args.lora_alpha)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    train.write_args(args.out, args, {"format": fmt, "n_samples": len(seqs)})
+    print(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device {device}",
+          flush=True)
+    finished = train.train_stage(model, seqs, train.nll_loss_fn, train.nll_window_norm(seqs), args, tok, device, "sft")
+    if finished and args.eval:
+        report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
+    return 0 if finished else 3
+
+
+def _is_text_file(path) -> bool:
+    """Plain-text pretraining rows carry "text"; teacher rows carry "response"."""
+    for row in data.read_jsonl(path)[:1]:
+        return "text" in row and "response" not in row
+    return False
+
+
+def report_eval(model, tok, fmt, args, out: Path, row: dict):
+    rows = data.read_prompts(args.eval)[: args.eval_limit or None]
+    res = train.evaluate(model, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
+                         desc=f"eval {row.get('stage', '')}")
+    log = train.MetricsLog(out, quiet=args.quiet)
+    log({**row, "eval_accuracy": res["accuracy"], "eval_n": res["n"]})
+    data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": res["accuracy"], "n": res["n"]}) + "\n")
+    return res["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------- align
+
+def round_chunks(rows: list[dict], rounds: int, seed: int) -> list[list[dict]]:
+    """D_p shuffled once by the seed and cut into K nearly equal chunks, one per round."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [[rows[i] for i in order[k::rounds]] for k in range(rounds)]
+
+
+@torch.no_grad()
+def sample_rejected(model, tok, rows, fmt, args, round_idx: int) -> list[list[int]]:
+    """One response per prompt from the current proxy; token ids plus the end-of-turn token when it stopped
+    by itself (a response cut at the budget keeps no end token)."""
+    stop = data.stop_ids(tok, fmt)
+    pad = data.special_ids(tok)["pad"]
+    prompts = [data.encode_prompt(tok, data.messages_of(r), fmt) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in rows]
+    model.eval()
+    with train.autocast(model.device):
+        for s in range(0, len(order), args.gen_batch_size):
+            idx = order[s:s + args.gen_batch_size]
+            new = generate(model, [prompts[i] for i in idx], args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, eos_id=stop, pad_id=pad,
+                           seed=args.seed * 100003 + round_idx * 1009 + s)
+            for i, toks in zip(idx, new):
+                out[i] = toks + ([stop[0]] if len(toks) < args.max_new_tokens else [])
+    model.train()
+    return out
+
+
+def build_pairs(tok, rows, rejected_tokens, fmt, max_len):
+    """(chosen, rejected) Seq pairs: the same prompt, the teacher's response vs the proxy's sample."""
+    pairs = []
+    for r, rej in zip(rows, rejected_tokens):
+        c_ids, c_lab = data.encode_pair(tok, data.messages_of(r), r["response"], fmt)
+        p_ids = data.encode_prompt(tok, data.messages_of(r), fmt)
+        r_ids = p_ids + rej
+        r_lab = [data.IGNORE_INDEX] * len(p_ids) + rej
+        pairs.append((train.Seq(*data.truncate(c_ids, c_lab, max_len)), train.Seq(*data.truncate(r_ids, r_lab, max_len))))
+    return pairs
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id, device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of every chosen and rejected sequence under the round's reference."""
+    model.eval()
+    sums = {}
+    with train.autocast(device):
+        for which in (0, 1):
+            seqs = [p[which] for p in pairs]
+            acc = []
+            for s in range(0, len(seqs), batch_size):
+                b = {k: v.to(device) for k, v in data.collate([(q.ids, q.labels) for q in seqs[s:s + batch_size]],
+                                                               pad_id).items()}
+                acc.append(sequence_logps(model, b)[0].float().cpu())
+            sums[which] = torch.cat(acc)
+    model.train()
+    return sums[0], sums[1]
+
+
+def save_round_data(rdir: Path, rows, rejected, ref_c, ref_r):
+    """Persist what a round trains on before training it: the sampled responses and the reference log-probs.
+    A resumed run reloads these, so its reference stays π_p^{k-1} and never the resumed policy."""
+    from safetensors.torch import save_file
+    rdir.mkdir(parents=True, exist_ok=True)
+    data.write_jsonl(rdir / "rejected.jsonl", [{"id": r["id"], "rejected_ids": t} for r, t in zip(rows, rejected)])
+    tmp = rdir / "ref_logps.safetensors.tmp"
+    save_file({"chosen": ref_c.contiguous(), "rejected": ref_r.contiguous()}, str(tmp))
+    train.fsync_file(tmp)
+    tmp.replace(rdir / "ref_logps.safetensors")
+
+
+def load_round_data(rdir: Path):
+    from safetensors.torch import load_file
+    if not (rdir / "ref_logps.safetensors").exists() or not (rdir / "rejected.jsonl").exists():
+        return None
+    rej = [r["rejected_ids"] for r in data.read_jsonl(rdir / "rejected.jsonl")]
+    ref = load_file(str(rdir / "ref_logps.safetensors"))
+    return rej, ref["chosen"], ref["rejected"]
+
+
+def pair_batch_fn(pairs, ref_c, ref_r, pad_id, device):
+    def batch_fn(idx):
+        seqs = [(pairs[i][0].ids, pairs[i][0].labels) for i in idx] + [(pairs[i][1].ids, pairs[i][1].labels) for i in idx]
+        b = {k: v.to(device) for k, v in data.collate(seqs, pad_id).items()}
+        b["ref_chosen"] = ref_c[idx].to(device)
+        b["ref_rejected"] = ref_r[idx].to(device)
+        return b
+    return batch_fn
+
+
+def pair_window_norm(pairs):
+    def norm(window):
+        idx = [i for mb in window for i in mb]
+        return {"tokens": max(1, sum(pairs[i][0].n_targets for i in idx)), "pairs": len(idx)}
+    return norm
+
+
+def cmd_align(args):
+    device = train.pick_device(args.device)
+    out = Path(args.out)
+    tok, fmt = load_tok_and_format(args)
+    pad = data.special_ids(tok)["pad"]
+    rows = teacher_rows(args.data)
+    chunks = round_chunks(rows, args.rounds, args.seed)
+    heldout = teacher_rows(args.heldout)[: args.heldout_limit or None] if args.heldout else None
+    model = train.load_model(args.init, tok, device, seed=args.seed, lora_rank=args.lora_rank,
+                             lora_alpha=args.lora_alpha)
+    ck = train.check_fresh_or_resume(out, args.resume)
+    start_round, start_step, st = 0, 0, None
+    if ck is not None:
+        st = train.load_train_state(ck)
+        train.restore_weights(model, ck)
+        start_round, start_step = st["round"], st["step"]
+        print(f"resumed align from {ck}: round {start_round + 1}/{args.rounds}, step {start_step}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    train.write_args(out, args, {"format": fmt})
+    log = train.MetricsLog(out, resume_from=None if ck is None else
+                           {"round": start_round + 1, "stage": "align", "step": start_step,
+                            "stage_order": ["align", "round_end"]}, quiet=args.quiet)
+    fwd = train.maybe_compile(model, device, args.compile)
+    loss_fn = align_loss_fn(args.beta, args.dpo_logp)
+    if ck is None and (args.eval or heldout):
+        log_round_end(model, tok, fmt, args, heldout, log, 0)  # round 0 = the proxy before alignment
+
+    for k in range(start_round, args.rounds):
+        rdir = out / f"round_{k + 1:02d}"
+        chunk = chunks[k]
+        saved = load_round_data(rdir) if (st is not None and k == start_round) else None
+        if saved is None:
+            # The model now is π_p^{k}: sample from it and score both responses with it, once, before training.
+            rejected = sample_rejected(model, tok, chunk, fmt, args, k)
+            pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
+            ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
+            save_round_data(rdir, chunk, rejected, ref_c, ref_r)
+        else:
+            rejected, ref_c, ref_r = saved
+            pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
+        windows = train.plan_windows([len(c.ids) + len(r.ids) for c, r in pairs], args.batch_size,
+                                     args.grad_accum, args.epochs, args.seed + k)
+        opt = train.make_optimizer(model, args.lr, args.weight_decay, device)  # a fresh Adam each round
+        step0 = 0
+        if st is not None and k == start_round:
+            if st.get("optimizer") is not None and start_step > 0:
+                opt.load_state_dict(st["optimizer"])
+            train.set_rng_state(st["rng"])
+            step0 = start_step
+        st = None
+
+        def save(step, k=k, opt=opt):
+            train.save_checkpoint(out / "checkpoint", model, opt, tok, {"stage": "align", "round": k, "step": step})
+
+        def tagged(row, k=k):
+            log({**row, "round": k + 1})
+
+        done = train.fit(model, fwd, opt, windows, pair_batch_fn(pairs, ref_c, ref_r, pad, device), loss_fn,
+                         pair_window_norm(pairs), args, device=device, start_step=step0, log=tagged, save=save,
+                         tag="align")
+        if done < len(windows):
+            return 3
+        model.save_pretrained(rdir)
+        data.save_tokenizer(tok, rdir)
+        log_round_end(model, tok, fmt, args, heldout, log, k + 1)
+        # The next round starts from here: a checkpoint at (k+1, step 0) makes that the resume point.
+        train.save_checkpoint(out / "checkpoint", model, None, tok, {"stage": "align", "round": k + 1, "step": 0})
+    model.save_pretrained(out)
+    data.save_tokenizer(tok, out)
+    return 0
+
+
+def log_round_end(model, tok, fmt, args, heldout, log, k: int):
+    row = {"stage": "round_end", "round": k}
+    if heldout:
+        row["agreement"] = train.top1_agreement(model, tok, heldout, fmt, args.max_len, args.gen_batch_size)
+    if args.eval:
+        rows = data.read_prompts(args.eval)[: args.eval_limit or None]
+        row["eval_accuracy"] = train.evaluate(model, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
+                                              desc=f"eval round {k}")["accuracy"]
+    log(row)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in [("sft", "warm-up SFT on teacher responses, or pretraining on {\"text\"} rows"),
+                        ("align", "K rounds of online sampling + NLL + DPO against the previous round's proxy")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--init", required=True, help="HF directory, or a named size (tiny-proxy, tiny-student, toy)")
+        s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: --init's)")
+        s.add_argument("--data", required=True, help="JSONL: teacher rows (prompt/messages + response) or {\"text\"} rows")
+        s.add_argument("--format", default=None, help="chat format plain|chatml|llama3 (default: from --init)")
+        s.add_argument("--eval", default=None, help="JSONL of prompts with answers: accuracy after the stage/round")
+        s.add_argument("--eval-limit", type=int, default=0, help="score only the first N eval rows (0: all)")
+        s.add_argument("--eval-batch-size", type=int, default=64, help="prompts per evaluation generation batch")
+        s.add_argument("--max-new-tokens", type=int, default=160, help="generation budget (eval and sampling)")
+        train.add_train_args(s)
+        if name == "align":
+            s.add_argument("--rounds", type=int, default=16, help="K alignment rounds over chunks of D_p (paper: 16)")
+            s.add_argument("--beta", type=float, default=1.0, help="DPO beta (authors' code 1.0 with mean log-probs)")
+            s.add_argument("--dpo-logp", choices=["mean", "sum"], default="mean",
+                           help="length-averaged (authors' code) or summed (standard DPO, use beta ~0.1)")
+            s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for rejected responses")
+            s.add_argument("--top-p", type=float, default=0.8, help="nucleus for rejected responses")
+            s.add_argument("--gen-batch-size", type=int, default=64, help="prompts per sampling / reference batch")
+            s.add_argument("--heldout", default=None, help="teacher JSONL for the top-1 agreement measure per round")
+            s.add_argument("--heldout-limit", type=int, default=0, help="use only the first N held-out rows (0: all)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return {"sft": cmd_sft, "align": cmd_align}[args.cmd](args)
+    except (CheckpointError, data.DataError) as e:
+        train.fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
