@@ -260,11 +260,11 @@ def cmd_align(args):
     model = train.load_model(args.init, tok, device, seed=args.seed, lora_rank=args.lora_rank,
                              lora_alpha=args.lora_alpha)
     ck = train.check_fresh_or_resume(out, args.resume)
-    start_round, start_step, st = 0, 0, None
+    start_round, start_step, st, gstep0 = 0, 0, None, 0
     if ck is not None:
         st = train.load_train_state(ck)
         train.restore_weights(model, ck)
-        start_round, start_step = st["round"], st["step"]
+        start_round, start_step, gstep0 = st["round"], st["step"], st["gstep0"]
         print(f"resumed align from {ck}: round {start_round + 1}/{args.rounds}, step {start_step}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     train.write_args(out, args, {"format": fmt})
@@ -300,22 +300,29 @@ def cmd_align(args):
             step0 = start_step
         st = None
 
-        def save(step, k=k, opt=opt):
-            train.save_checkpoint(out / "checkpoint", model, opt, tok, {"stage": "align", "round": k, "step": step})
+        def save(step, k=k, opt=opt, g=gstep0):
+            train.save_checkpoint(out / "checkpoint", model, opt, tok,
+                                  {"stage": "align", "round": k, "step": step, "gstep0": g})
 
-        def tagged(row, k=k):
-            log({**row, "round": k + 1})
+        def tagged(row, k=k, g=gstep0):
+            log({**row, "round": k + 1, "global_step": g + row["step"]})
 
+        # --stop-after counts optimizer steps over all rounds.
+        local_stop = args.stop_after - gstep0 if args.stop_after and args.stop_after > gstep0 else None
         done = train.fit(model, fwd, opt, windows, pair_batch_fn(pairs, ref_c, ref_r, pad, device), loss_fn,
                          pair_window_norm(pairs), args, device=device, start_step=step0, log=tagged, save=save,
-                         tag="align")
+                         tag="align", stop_after=local_stop)
         if done < len(windows):
             return 3
+        gstep0 += len(windows)
         model.save_pretrained(rdir)
         data.save_tokenizer(tok, rdir)
         log_round_end(model, tok, fmt, args, heldout, log, k + 1)
         # The next round starts from here: a checkpoint at (k+1, step 0) makes that the resume point.
-        train.save_checkpoint(out / "checkpoint", model, None, tok, {"stage": "align", "round": k + 1, "step": 0})
+        train.save_checkpoint(out / "checkpoint", model, None, tok,
+                              {"stage": "align", "round": k + 1, "step": 0, "gstep0": gstep0})
+        if args.stop_after and gstep0 >= args.stop_after:
+            return 3 if k + 1 < args.rounds else 0
     model.save_pretrained(out)
     data.save_tokenizer(tok, out)
     return 0

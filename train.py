@@ -111,7 +111,7 @@ def plan_windows(lengths: list[int], batch_size: int, grad_accum: int, epochs: f
 
 
 def fit(model: Llama, fwd, opt, windows, batch_fn, loss_fn, norm_fn, args, *, device, start_step: int = 0,
-        log=None, save=None, tag: str = "train"):
+        log=None, save=None, tag: str = "train", stop_after: int | None = None):
     """The one training loop. For each optimizer step: the window's normalisers (token and pair counts of
     all its micro-batches, so the loss is a mean over the window whatever the split), forward/backward each
     micro-batch, clip, step, zero. `.item()` only on log steps. `save(step)` runs every --save-every steps
@@ -122,7 +122,8 @@ def fit(model: Llama, fwd, opt, windows, batch_fn, loss_fn, norm_fn, args, *, de
     amp = autocast(device)
     total = len(windows)
     t0, n_tok = time.time(), 0
-    stop_after = getattr(args, "stop_after", None)
+    if stop_after is None:
+        stop_after = getattr(args, "stop_after", None)
     for step in range(start_step, total):
         lr = lr_at(step, total, args.lr, args.lr_schedule, args.warmup_steps, args.min_lr_ratio)
         for g in opt.param_groups:

@@ -54,3 +54,126 @@ def test_lr_schedule():
     assert train.lr_at(50, 100, 1e-3, "constant", warmup=4) == 1e-3
     assert train.lr_at(4, 100, 1e-3, "cosine", warmup=4, min_ratio=0.1) == pytest.approx(1e-3)
     assert train.lr_at(100, 100, 1e-3, "cosine", warmup=4, min_ratio=0.1) == pytest.approx(1e-4)
+
+
+# ------------------------------------------------------------------------- the loops on a tiny world
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tokenizer, teacher rows and eval rows of the embedded world, written as the pipeline writes them."""
+    import random
+    d = tmp_path_factory.mktemp("world")
+    tok = data.world_tokenizer(vocab_size=400, seed=0)
+    data.save_tokenizer(tok, d)
+    rng = random.Random(0)
+    rows = [{**p, "response": data.teacher_solution(p["prompt"], rng), "finish_reason": "stop"}
+            for p in data.make_problems(240, seed=0)]
+    data.write_jsonl(d / "teacher.jsonl", rows)
+    data.write_jsonl(d / "small.jsonl", rows[:48])
+    data.write_jsonl(d / "heldout.jsonl", rows[200:])
+    data.write_jsonl(d / "eval.jsonl", data.make_problems(16, seed=0, split="eval"))
+    return d
+
+
+def run(*argv):
+    return proxy_align.main([str(a) for a in argv])
+
+
+def sft_args(world, out, *extra):
+    return ["sft", "--init", "toy", "--tokenizer", world, "--data", world / "small.jsonl", "--out", out,
+            "--lr", "3e-3", "--quiet", "--seed", "1", *extra]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def metric_rows(path, stage):
+    return [r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if r.get("stage") == stage]
+
+
+def test_accumulation_batch_8x1_equals_2x4(world, tmp_path):
+    assert run(*sft_args(world, tmp_path / "a", "--batch-size", "8", "--grad-accum", "1")) == 0
+    assert run(*sft_args(world, tmp_path / "b", "--batch-size", "2", "--grad-accum", "4")) == 0
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+    la, lb = metric_rows(tmp_path / "a", "sft"), metric_rows(tmp_path / "b", "sft")
+    assert [r["nll"] for r in la] == pytest.approx([r["nll"] for r in lb], rel=1e-5)
+
+
+def test_sft_resume_is_bitwise_identical(world, tmp_path):
+    common = ["--batch-size", "4", "--log-every", "1", "--epochs", "1.5"]
+    assert run(*sft_args(world, tmp_path / "full", *common)) == 0
+    assert run(*sft_args(world, tmp_path / "cut", *common, "--stop-after", "7")) == 3
+    with pytest.raises(SystemExit):  # an existing checkpoint is never trained over without --resume
+        run(*sft_args(world, tmp_path / "cut", *common))
+    assert run(*sft_args(world, tmp_path / "cut", *common, "--resume")) == 0
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
+    lf, lc = metric_rows(tmp_path / "full", "sft"), metric_rows(tmp_path / "cut", "sft")
+    assert [r["step"] for r in lc] == [r["step"] for r in lf] == list(range(1, 19))
+    assert [r["nll"] for r in lc] == [r["nll"] for r in lf]
+
+
+def align_args(world, init, out, *extra):
+    return ["align", "--init", init, "--data", world / "small.jsonl", "--out", out, "--rounds", "2",
+            "--batch-size", "4", "--lr", "2e-3", "--max-new-tokens", "40", "--log-every", "1", "--quiet",
+            "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_proxy(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    assert run(*sft_args(world, out, "--batch-size", "8", "--epochs", "2")) == 0
+    return out
+
+
+def test_align_resume_mid_round_keeps_the_reference_and_is_bitwise(world, sft_proxy, tmp_path):
+    from safetensors.torch import load_file
+    assert run(*align_args(world, sft_proxy, tmp_path / "full")) == 0
+    # 24 prompts a round, batch 4: 6 steps a round; stop in the middle of round 2, then resume.
+    assert run(*align_args(world, sft_proxy, tmp_path / "cut", "--stop-after", "9")) == 3
+    assert train.load_train_state(tmp_path / "cut" / "checkpoint")["round"] == 1
+    assert run(*align_args(world, sft_proxy, tmp_path / "cut", "--resume")) == 0
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
+    steps = lambda p: [(r["round"], r["step"], r["dpo"], r["nll"]) for r in metric_rows(p, "align")]
+    assert steps(tmp_path / "cut") == steps(tmp_path / "full") and len(steps(tmp_path / "full")) == 12
+
+    # Round 2's reference is the proxy after round 1, in both runs: recompute it from round_01.
+    tok = data.load_tokenizer(world)
+    ref_model = Llama.from_pretrained(tmp_path / "full" / "round_01")
+    rows = proxy_align.round_chunks(data.read_teacher(world / "small.jsonl"), 2, seed=3)[1]
+    rejected = [r["rejected_ids"] for r in data.read_jsonl(tmp_path / "cut" / "round_02" / "rejected.jsonl")]
+    pairs = proxy_align.build_pairs(tok, rows, rejected, "plain", 1024)
+    ref_c, ref_r = proxy_align.reference_logps(ref_model, pairs, data.special_ids(tok)["pad"], torch.device("cpu"), 8)
+    for run_dir in ("full", "cut"):
+        stored = load_file(str(tmp_path / run_dir / "round_02" / "ref_logps.safetensors"))
+        torch.testing.assert_close(stored["chosen"], ref_c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stored["rejected"], ref_r, atol=1e-5, rtol=0)
+    # ... and not the SFT proxy's (the reference moved with the rounds).
+    sft_model = Llama.from_pretrained(sft_proxy)
+    old_c, _ = proxy_align.reference_logps(sft_model, pairs, data.special_ids(tok)["pad"], torch.device("cpu"), 8)
+    assert (old_c - ref_c).abs().max() > 1e-3
+
+
+def test_alignment_raises_reward_accuracy_and_agreement(world, tmp_path):
+    """A tiny proxy, SFT'd on the teacher's text, then aligned for 3 rounds: within each round DPO separates
+    the teacher's responses from its own samples, and its top-1 agreement with held-out teacher text rises."""
+    base = tmp_path / "sft"
+    assert run("sft", "--init", "toy", "--tokenizer", world, "--data", world / "teacher.jsonl", "--out", base,
+               "--lr", "3e-3", "--batch-size", "16", "--quiet", "--seed", "0") == 0
+    out = tmp_path / "aligned"
+    assert run("align", "--init", base, "--data", world / "teacher.jsonl", "--out", out, "--rounds", "3",
+               "--batch-size", "8", "--lr", "3e-3", "--max-new-tokens", "60", "--log-every", "1", "--quiet",
+               "--heldout", world / "heldout.jsonl") == 0
+    ends = {r["round"]: r["agreement"] for r in metric_rows(out, "round_end")}
+    assert ends[3] > ends[0] + 0.02, ends
+    for k in (1, 2, 3):
+        accs = [r["reward_acc"] for r in metric_rows(out, "align") if r["round"] == k]
+        assert sum(accs[-3:]) / 3 > sum(accs[:2]) / 2, (k, accs)
