@@ -556,19 +556,23 @@ def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------- log-probs, sampling
 
-def token_logprobs(model: Llama, input_ids, attention_mask=None, chunk_tokens: int = 4096):
+def token_logprobs(model: Llama, input_ids, attention_mask=None, mask=None, chunk_tokens: int = 4096):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t < T-1 -> [B, T-1] fp32.
 
-    The head and log-softmax run over chunks of positions with activation checkpointing, so neither
-    [B, T, V] logits nor their fp32 log-softmax are ever held whole, in forward or in backward."""
+    mask [B, T-1] (bool): positions to score; the others are 0 and cost no head compute (prompt and padding
+    are often half the tokens). The head and log-softmax run over chunks of positions with activation
+    checkpointing, so neither [B, T, V] logits nor their fp32 log-softmax are ever held whole."""
     h = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, :-1]  # [B, T-1, C]
     targets = input_ids[:, 1:]
-    B, Tm1, C = h.shape
-    h, targets = h.reshape(-1, C), targets.reshape(-1)
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    mask = mask.bool()
+    h_sel, t_sel = h[mask], targets[mask]  # [N, C], [N]
     step = max(1, chunk_tokens)
-    out = [chunked_head_logprobs(model.lm_head.weight, h[i:i + step], targets[i:i + step])
-           for i in range(0, h.shape[0], step)]
-    return torch.cat(out).view(B, Tm1)
+    parts = [chunked_head_logprobs(model.lm_head.weight, h_sel[i:i + step], t_sel[i:i + step])
+             for i in range(0, h_sel.shape[0], step)]
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+    return out.masked_scatter(mask, torch.cat(parts)) if parts else out
 
 
 def _head_logprobs(weight, h, targets):

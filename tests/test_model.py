@@ -240,3 +240,14 @@ def test_lora_starts_at_base_trains_adapters_only_and_merges_on_save(tmp_path):
         torch.testing.assert_close(merged(x), live, atol=1e-5, rtol=0)
         hf_back = LlamaForCausalLM.from_pretrained(tmp_path / "merged")(x).logits
         torch.testing.assert_close(hf_back, live, atol=1e-4, rtol=0)
+
+
+def test_token_logprobs_mask_scores_only_the_selected_positions(tmp_path):
+    _, d = hf_model("llama3_gqa", tmp_path)
+    m = Llama.from_pretrained(d).eval()
+    x = torch.randint(0, 97, (3, 21))
+    mask = torch.rand(3, 20) > 0.5
+    with torch.no_grad():
+        full = token_logprobs(m, x)
+        part = token_logprobs(m, x, mask=mask, chunk_tokens=5)
+    torch.testing.assert_close(part, full * mask, atol=1e-6, rtol=0)
