@@ -7,11 +7,11 @@ PYTHON := $(VENV)/bin/python
 # The CPU wheel of torch; set TORCH=torch (or a CUDA index) on a GPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: help venv dev test proxy student table smoke bench clean
+.PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench clean
 
 # List the targets with the comment above each.
 help:
-	@awk '/^# /{c=substr($$0,3); next} /^[a-z]+:/{if(c!="")printf "  %-8s %s\n",substr($$1,1,length($$1)-1),c} {c=""}' Makefile
+	@awk '/^# -/{next} /^# /{if(c=="")c=substr($$0,3); next} /^[a-z]+:/{if(c!="")printf "  %-8s %s\n",substr($$1,1,length($$1)-1),c} {c=""}' Makefile
 
 # Create .venv with the runtime requirements (torch first, as the CPU wheel, where none is present).
 venv: $(VENV)/.runtime
@@ -31,13 +31,202 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 test: $(VENV)/.dev
 	$(PYTHON) -m pytest tests
 
-# Stage 1: build the world, pretrain the bases, collect teacher data, align the proxy (not built yet).
-proxy: $(VENV)/.runtime
-	@echo "make proxy: not built yet (issue 6/8)"; exit 1
+# ---------------------------------------------------------------------------------------- the main job
+# Defaults: the embedded world (no network, no GPU, no downloads). Real parts come in through
+# TEACHER_URL/TEACHER_MODEL (an OpenAI-compatible API), PROMPTS/EVAL (JSONL), PROXY_INIT/STUDENT_INIT
+# (HF directories) and DEVICE; see the README for a real configuration.
+SEED ?= 0
+DEVICE ?= auto
+WORLD ?= runs/world
+BASES ?= runs/bases
+TEACHER_DIR ?= runs/teacher
+RUN ?= runs/seed$(SEED)
+# The embedded world's sizes (teacher prompts, eval problems, pretraining documents, BPE vocabulary).
+N_PROMPTS ?= 4000
+N_EVAL ?= 500
+N_CORPUS ?= 20000
+VOCAB ?= 1024
+# Real parts (empty: the embedded ones).
+TEACHER_URL ?=
+TEACHER_MODEL ?= proxykd-teacher
+TEACHER_PORT ?= 18765
+PROMPTS ?= $(WORLD)/prompts.jsonl
+EVAL ?= $(WORLD)/eval.jsonl
+PROXY_INIT ?=
+STUDENT_INIT ?=
+# Sizes of the embedded bases (model.PRESETS) when no PROXY_INIT / STUDENT_INIT is given.
+PROXY_SIZE ?= tiny-proxy
+STUDENT_SIZE ?= tiny-student
+# The algorithm (DESIGN.md): K rounds, DPO beta and log-prob mode, proxy top-k, alpha, gamma.
+ROUNDS ?= 4
+BETA ?= 1.0
+DPO_LOGP ?= mean
+TOPK ?= 10
+ALPHA ?= 100
+GAMMA ?= 0.4
+# Optimisation per stage; the scripts' own defaults are the paper's (Adam, constant lr 1e-5, one epoch,
+# LoRA on real models), these are tuned for the tiny embedded models trained in full.
+PRETRAIN_ARGS ?= --lr 2e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 32
+PROXY_PRETRAIN_EPOCHS ?= 1
+STUDENT_PRETRAIN_EPOCHS ?= 1
+SFT_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 3
+ALIGN_ARGS ?= --lr 5e-4 --batch-size 16
+DISTILL_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 2
+EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
+CLIENT_ARGS ?=
+COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25
 
-# Stage 2: distil the student from the aligned proxy and the teacher's text (not built yet).
-student: $(VENV)/.runtime
-	@echo "make student: not built yet (issue 6/8)"; exit 1
+ifeq ($(PROXY_INIT),)
+PROXY_BASE := $(BASES)/proxy
+PROXY_BASE_DONE := $(PROXY_BASE)/.done
+else
+PROXY_BASE := $(PROXY_INIT)
+PROXY_BASE_DONE :=
+endif
+ifeq ($(STUDENT_INIT),)
+STUDENT_BASE := $(BASES)/student
+STUDENT_BASE_DONE := $(STUDENT_BASE)/.done
+else
+STUDENT_BASE := $(STUDENT_INIT)
+STUDENT_BASE_DONE :=
+endif
+WORLD_DONE := $(if $(filter $(WORLD)/%,$(PROMPTS)),$(WORLD)/.done)
+
+# Stage 1: world and teacher data, the proxy base, warm-up SFT on D_w, K rounds of NLL + DPO on D_p.
+proxy: $(RUN)/proxy/.done
+	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES)
+
+# Stage 2: the proxy cache over D_s, then the student by black-box KD and by Proxy-KD; prints the table.
+student: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
+	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES)
+
+# The embedded world: tokenizer, teacher prompts, eval problems, pretraining corpus.
+world: $(WORLD)/.done
+$(WORLD)/.done: | $(VENV)/.runtime
+	$(PYTHON) data.py world --out $(WORLD) --prompts $(N_PROMPTS) --eval $(N_EVAL) --corpus $(N_CORPUS) \
+	  --vocab-size $(VOCAB) --seed 0
+	touch $@
+
+# The bases, pretrained once on the world's plain text (the proxy larger, as open LLMs are).
+bases: $(PROXY_BASE_DONE) $(STUDENT_BASE_DONE)
+$(BASES)/proxy/.done: $(WORLD)/.done
+	$(PYTHON) proxy_align.py sft --init $(PROXY_SIZE) --tokenizer $(WORLD) --data $(WORLD)/corpus.jsonl \
+	  --out $(BASES)/proxy --epochs $(PROXY_PRETRAIN_EPOCHS) $(PRETRAIN_ARGS) $(COMMON) --eval $(EVAL) --eval-limit 200 \
+	  $(if $(wildcard $(BASES)/proxy/checkpoint),--resume)
+	touch $@
+$(BASES)/student/.done: $(WORLD)/.done
+	$(PYTHON) proxy_align.py sft --init $(STUDENT_SIZE) --tokenizer $(WORLD) --data $(WORLD)/corpus.jsonl \
+	  --out $(BASES)/student --epochs $(STUDENT_PRETRAIN_EPOCHS) $(PRETRAIN_ARGS) $(COMMON) --eval $(EVAL) --eval-limit 200 \
+	  $(if $(wildcard $(BASES)/student/checkpoint),--resume)
+	touch $@
+
+# The black box: teacher responses for every prompt (and for the eval prompts, to measure agreement).
+# The embedded teacher server runs on 127.0.0.1 for the length of this recipe; a rerun sends only what
+# is missing (the client's cache is the output file itself).
+teacher: $(TEACHER_DIR)/.done
+$(TEACHER_DIR)/.done: $(WORLD_DONE) | $(VENV)/.runtime
+	@mkdir -p $(TEACHER_DIR)
+ifeq ($(TEACHER_URL),)
+	$(PYTHON) teacher_server.py --port $(TEACHER_PORT) --model $(TEACHER_MODEL) > $(TEACHER_DIR)/server.log 2>&1 & \
+	pid=$$!; trap 'kill $$pid 2>/dev/null' EXIT; \
+	for i in $$(seq 100); do grep -q listening $(TEACHER_DIR)/server.log && break; sleep 0.1; done; \
+	$(PYTHON) teacher_client.py --prompts $(PROMPTS) --out $(TEACHER_DIR)/teacher.jsonl --concurrency 32 \
+	  --base-url http://127.0.0.1:$(TEACHER_PORT)/v1 --model $(TEACHER_MODEL) --seed 0 $(CLIENT_ARGS) && \
+	$(PYTHON) teacher_client.py --prompts $(EVAL) --out $(TEACHER_DIR)/teacher_eval.jsonl --concurrency 32 \
+	  --base-url http://127.0.0.1:$(TEACHER_PORT)/v1 --model $(TEACHER_MODEL) --seed 1 $(CLIENT_ARGS)
+else
+	$(PYTHON) teacher_client.py --prompts $(PROMPTS) --out $(TEACHER_DIR)/teacher.jsonl \
+	  --base-url $(TEACHER_URL) --model $(TEACHER_MODEL) $(CLIENT_ARGS)
+	$(PYTHON) teacher_client.py --prompts $(EVAL) --out $(TEACHER_DIR)/teacher_eval.jsonl \
+	  --base-url $(TEACHER_URL) --model $(TEACHER_MODEL) $(CLIENT_ARGS)
+endif
+	touch $@
+
+# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data, by a hash of the id and SEED.
+split: $(RUN)/split/.done
+$(RUN)/split/.done: $(TEACHER_DIR)/.done
+	$(PYTHON) data.py split --data $(TEACHER_DIR)/teacher.jsonl --out $(RUN)/split --seed $(SEED)
+	touch $@
+
+# resume flag for a stage whose checkpoint exists (a killed run continues where it stopped)
+resume = $(if $(wildcard $(1)/checkpoint $(1)/checkpoint.old),--resume)
+
+$(RUN)/proxy_sft/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
+	$(PYTHON) proxy_align.py sft --init $(PROXY_BASE) --data $(RUN)/split/D_w.jsonl --out $(RUN)/proxy_sft \
+	  $(SFT_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/proxy_sft)
+	touch $@
+
+$(RUN)/proxy/.done: $(RUN)/proxy_sft/.done
+	$(PYTHON) proxy_align.py align --init $(RUN)/proxy_sft --data $(RUN)/split/D_p.jsonl --out $(RUN)/proxy \
+	  --rounds $(ROUNDS) --beta $(BETA) --dpo-logp $(DPO_LOGP) --heldout $(TEACHER_DIR)/teacher_eval.jsonl \
+	  --heldout-limit 200 $(ALIGN_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/proxy)
+	touch $@
+
+# The proxy's top-k logits and mean log-probs over D_s (teacher-forced on the teacher's responses).
+$(RUN)/cache_%/.done: $(RUN)/%/.done
+	$(PYTHON) distill.py cache --proxy $(RUN)/$* --data $(RUN)/split/D_s.jsonl --out $(RUN)/cache_$* --topk $(TOPK) \
+	  --device $(DEVICE)
+	touch $@
+
+$(RUN)/student_blackbox/.done: $(RUN)/split/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method blackbox --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --out $(RUN)/student_blackbox $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_blackbox)
+	touch $@
+
+$(RUN)/student_proxykd/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy --topk $(TOPK) --alpha $(ALPHA) --gamma $(GAMMA) \
+	  --out $(RUN)/student_proxykd $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_proxykd)
+	touch $@
+
+# ------------------------------------------------------------------------- the comparison (make table)
+# The rest of the paper's rows: black-box KD on all teacher data, white-box KD from the unaligned proxy,
+# and the ablations (no alignment, no DPO, no weighting).
+rows: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done $(RUN)/student_blackbox_all/.done \
+      $(RUN)/student_whitebox/.done $(RUN)/student_noalign/.done $(RUN)/student_nodpo/.done \
+      $(RUN)/student_noweight/.done
+
+$(RUN)/cache_base/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
+	$(PYTHON) distill.py cache --proxy $(PROXY_BASE) --data $(RUN)/split/D_s.jsonl --out $(RUN)/cache_base \
+	  --topk $(TOPK) --device $(DEVICE)
+	touch $@
+
+$(RUN)/student_blackbox_all/.done: $(TEACHER_DIR)/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method blackbox --init $(STUDENT_BASE) --data $(TEACHER_DIR)/teacher.jsonl \
+	  --out $(RUN)/student_blackbox_all $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_blackbox_all)
+	touch $@
+
+# student_<name>: method, proxy directory and its cache for each remaining row.
+define student_row
+$(RUN)/student_$(1)/.done: $(RUN)/cache_$(3)/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method $(2) --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(4) --cache $(RUN)/cache_$(3) --topk $(TOPK) --alpha $(ALPHA) --gamma $(GAMMA) \
+	  --out $(RUN)/student_$(1) $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_$(1))
+	touch $$@
+endef
+$(eval $(call student_row,whitebox,whitebox,base,$(PROXY_BASE)))
+$(eval $(call student_row,noalign,proxykd,base,$(PROXY_BASE)))
+$(eval $(call student_row,nodpo,proxykd,proxy_sft,$(RUN)/proxy_sft))
+$(eval $(call student_row,noweight,proxykd-noweight,proxy,$(RUN)/proxy))
+
+SEEDS ?= 0 1 2
+# Every row over SEEDS: runs/table.md (mean ± std) and runs/table.png.
+table: $(VENV)/.dev
+	for s in $(SEEDS); do $(MAKE) --no-print-directory rows SEED=$$s || exit 1; done
+	$(PYTHON) table.py collect --runs $(foreach s,$(SEEDS),runs/seed$(s)) --bases $(BASES) \
+	  --out runs/table.md --plot runs/table.png \
+	  --note "make table on $$(nproc) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
+
+SMOKE_DIR ?= runs/smoke
+SMOKE_PORT ?= 18766
+# The whole pipeline at toy size, in SMOKE_DIR (a minute on 2 cores; `make test` runs it).
+smoke: $(VENV)/.runtime
+	$(MAKE) --no-print-directory proxy student WORLD=$(SMOKE_DIR)/world BASES=$(SMOKE_DIR)/bases \
+	  TEACHER_DIR=$(SMOKE_DIR)/teacher RUN=$(SMOKE_DIR)/run TEACHER_PORT=$(SMOKE_PORT) \
+	  N_PROMPTS=160 N_EVAL=24 N_CORPUS=300 ROUNDS=2 PROXY_SIZE=toy STUDENT_SIZE=toy \
+	  PRETRAIN_ARGS="--lr 3e-3 --batch-size 32" SFT_ARGS="--lr 3e-3 --batch-size 8" \
+	  ALIGN_ARGS="--lr 1e-3 --batch-size 8 --gen-batch-size 32" DISTILL_ARGS="--lr 3e-3 --batch-size 8" \
+	  EVAL_ARGS="--eval $(SMOKE_DIR)/world/eval.jsonl --max-new-tokens 48" COMMON="--device cpu --seed 0 --quiet"
 
 # Remove everything runs/ holds (the venv stays).
 clean:

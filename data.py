@@ -866,3 +866,61 @@ def world_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:
     for p in make_problems(500, seed, "train"):
         texts += [p["prompt"]] + [teacher_solution(p["prompt"], rng, s) for s in STYLES]
     return train_tokenizer(texts, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def write_world(out_dir, n_prompts: int, n_eval: int, n_corpus: int, vocab_size: int, seed: int):
+    """Everything the main job needs from the world: tokenizer, teacher prompts (the teacher sees only the
+    prompt text; "answer" stays here for scoring), held-out eval problems, and the pretraining corpus."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(world_tokenizer(vocab_size, seed), out, fmt="plain")
+    write_jsonl(out / "prompts.jsonl", make_problems(n_prompts, seed, "train"))
+    write_jsonl(out / "eval.jsonl", make_problems(n_eval, seed, "eval"))
+    write_jsonl(out / "corpus.jsonl", [{"text": t} for t in pretrain_corpus(n_corpus, seed)])
+
+
+def write_split(teacher_path, out_dir, seed: int):
+    """D_w / D_p / D_s (10/45/45 by a hash of the id and the seed) as three JSONL files."""
+    rows = read_teacher(teacher_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = split_three(rows, seed)
+    for name, part in zip(("D_w", "D_p", "D_s"), parts):
+        write_jsonl(out / f"{name}.jsonl", part)
+    return [len(p) for p in parts]
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Build the embedded world, or split teacher data into D_w/D_p/D_s.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("world", help="write tokenizer, prompts.jsonl, eval.jsonl and corpus.jsonl")
+    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--prompts", type=int, default=4000, help="problems the teacher will answer (all of D_w+D_p+D_s)")
+    w.add_argument("--eval", type=int, default=500, help="held-out problems for accuracy (never in --prompts)")
+    w.add_argument("--corpus", type=int, default=20000, help="plain-text documents to pretrain the bases on")
+    w.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (the world needs ~700)")
+    w.add_argument("--seed", type=int, default=0, help="seed of every draw")
+    s = sub.add_parser("split", help="split teacher responses 10/45/45 into D_w, D_p, D_s")
+    s.add_argument("--data", required=True, help="teacher JSONL (teacher_client.py output)")
+    s.add_argument("--out", required=True, help="directory for D_w.jsonl, D_p.jsonl, D_s.jsonl")
+    s.add_argument("--seed", type=int, default=0, help="split seed")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "world":
+            write_world(args.out, args.prompts, args.eval, args.corpus, args.vocab_size, args.seed)
+            print(f"world: {args.prompts} prompts, {args.eval} eval problems, {args.corpus} corpus documents "
+                  f"in {args.out}")
+        else:
+            n = write_split(args.data, args.out, args.seed)
+            print(f"split {args.data}: D_w {n[0]}, D_p {n[1]}, D_s {n[2]}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -317,7 +317,9 @@ def cmd_align(args):
         gstep0 += len(windows)
         model.save_pretrained(rdir)
         data.save_tokenizer(tok, rdir)
-        log_round_end(model, tok, fmt, args, heldout, log, k + 1)
+        end = log_round_end(model, tok, fmt, args, heldout, log, k + 1)
+        if k + 1 == args.rounds and "eval_accuracy" in end:
+            data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": end["eval_accuracy"]}) + "\n")
         # The next round starts from here: a checkpoint at (k+1, step 0) makes that the resume point.
         train.save_checkpoint(out / "checkpoint", model, None, tok,
                               {"stage": "align", "round": k + 1, "step": 0, "gstep0": gstep0})
@@ -337,6 +339,7 @@ def log_round_end(model, tok, fmt, args, heldout, log, k: int):
         row["eval_accuracy"] = train.evaluate(model, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
                                               desc=f"eval round {k}")["accuracy"]
     log(row)
+    return row
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,141 @@
+"""Results tables: `summary` after `make proxy` / `make student`, and `collect` for `make table`
+(every row of the paper's comparison over several seeds, mean ± std, as markdown and a PNG plot).
+
+    python table.py summary --run runs/seed0 --bases runs/bases
+    python table.py collect --runs runs/seed0 runs/seed1 runs/seed2 --bases runs/bases --out runs/table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+# (row label, directory under the run (or "bases:NAME"), what it is). The order is the paper's Table 1/2.
+ROWS = [
+    ("proxy base (before alignment)", "bases:proxy", "proxy"),
+    ("proxy after warm-up SFT", "proxy_sft", "proxy"),
+    ("proxy after alignment (SFT + K DPO rounds)", "proxy", "proxy"),
+    ("student base", "bases:student", "student"),
+    ("black-box KD (NLL on D_s)", "student_blackbox", "student"),
+    ("black-box KD on all teacher data", "student_blackbox_all", "student"),
+    ("white-box KD from the unaligned proxy", "student_whitebox", "student"),
+    ("Proxy-KD w/o alignment", "student_noalign", "student"),
+    ("Proxy-KD w/o DPO", "student_nodpo", "student"),
+    ("Proxy-KD w/o weighting", "student_noweight", "student"),
+    ("Proxy-KD", "student_proxykd", "student"),
+]
+
+
+def accuracy(run: Path, bases: Path, where: str) -> float | None:
+    d = bases / where.split(":", 1)[1] if where.startswith("bases:") else run / where
+    f = d / "eval.json"
+    if not f.exists():
+        return None
+    return json.loads(f.read_text())["accuracy"]
+
+
+def agreement(run: Path) -> dict[int, float]:
+    """Top-1 agreement with held-out teacher text after each alignment round (round 0 = before)."""
+    f = run / "proxy" / "metrics.jsonl"
+    out = {}
+    if f.exists():
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("stage") == "round_end" and "agreement" in r:
+                out[r["round"]] = r["agreement"]
+    return out
+
+
+def summary(run: Path, bases: Path) -> str:
+    lines = [f"results in {run} (accuracy on the held-out eval set, greedy decoding)", ""]
+    for label, where, _ in ROWS:
+        acc = accuracy(run, bases, where)
+        if acc is not None:
+            lines.append(f"  {label:<46} {100 * acc:6.1f} %")
+    ag = agreement(run)
+    if ag:
+        first, last = min(ag), max(ag)
+        lines.append(f"  {'proxy top-1 agreement with the teacher':<46} {100 * ag[first]:6.1f} % -> "
+                     f"{100 * ag[last]:.1f} % after {last} rounds")
+    return "\n".join(lines)
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    m = statistics.mean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def collect(runs: list[Path], bases: Path, out: Path, plot: Path | None, note: str = "") -> str:
+    rows = []
+    for label, where, kind in ROWS:
+        accs = [a for a in (accuracy(r, bases, where) for r in runs) if a is not None]
+        rows.append((label, kind, accs))
+    md = [f"| method | model | accuracy % (mean ± std over {len(runs)} seeds) | n |", "| --- | --- | --- | --- |"]
+    md += [f"| {label} | {kind} | {mean_std(accs)} | {len(accs)} |" for label, kind, accs in rows]
+    ags = [agreement(r) for r in runs]
+    rounds = sorted(set().union(*ags)) if ags else []
+    if rounds:
+        md += ["", "| round | proxy top-1 agreement % (mean ± std) |", "| --- | --- |"]
+        md += [f"| {k} | {mean_std([a[k] for a in ags if k in a])} |" for k in rounds]
+    text = (note + "\n\n" if note else "") + "\n".join(md) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if plot is not None:
+        draw(rows, ags, rounds, plot)
+    return text
+
+
+def draw(rows, ags, rounds, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    shown = [(label, accs) for label, _, accs in rows if accs]
+    ys = range(len(shown))
+    a.barh(list(ys), [100 * statistics.mean(x) for _, x in shown],
+           xerr=[100 * (statistics.stdev(x) if len(x) > 1 else 0) for _, x in shown], color="#4c72b0")
+    a.set_yticks(list(ys), [label for label, _ in shown])
+    a.invert_yaxis()
+    a.set_xlabel("eval accuracy (%)")
+    a.set_title("accuracy by method")
+    if rounds:
+        m = [100 * statistics.mean([g[k] for g in ags if k in g]) for k in rounds]
+        b.plot(rounds, m, marker="o")
+        b.set_xlabel("alignment round (0 = before)")
+        b.set_ylabel("top-1 agreement with the teacher (%)")
+        b.set_title("proxy agreement by round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("summary", help="print the accuracies one run has so far")
+    s.add_argument("--run", required=True, help="run directory (runs/seedN)")
+    s.add_argument("--bases", required=True, help="directory of the pretrained bases")
+    c = sub.add_parser("collect", help="mean ± std over several runs as markdown (+ a PNG plot)")
+    c.add_argument("--runs", nargs="+", required=True, help="run directories, one per seed")
+    c.add_argument("--bases", required=True, help="directory of the pretrained bases")
+    c.add_argument("--out", required=True, help="markdown file to write")
+    c.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
+    c.add_argument("--note", default="", help="a line above the table (command, machine)")
+    args = p.parse_args(argv)
+    if args.cmd == "summary":
+        print(summary(Path(args.run), Path(args.bases)))
+    else:
+        print(collect([Path(r) for r in args.runs], Path(args.bases), Path(args.out),
+                      Path(args.plot) if args.plot else None, args.note))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
