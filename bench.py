@@ -443,7 +443,7 @@ def fmt(v, unit) -> str:
         return f"{100 * v:.1f} %"
     if unit == "tok/s" and v >= 100:
         return f"{v:,.0f}"
-    return f"{v:,.1f}" if v >= 10 else f"{v:.3g}"
+    return f"{v:,.1f}" if v >= 10 else f"{v:.2f}"
 
 
 def format_table(rows) -> str:
