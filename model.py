@@ -344,6 +344,8 @@ class Llama(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if attention_mask is not None and cache is None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: take SDPA's fused causal path
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
