@@ -89,14 +89,23 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None):
         B, KV, T, D = k.shape
         start = self.length
+        if slots is not None:
+            # Static shapes (a compiled / CUDA-graphed decode step): write at tensor slot indices [T] and
+            # return the whole buffers; the caller's mask hides the slots not yet written.
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         if start + T > self.max_len:
             raise ValueError(f"KVCache: {start} + {T} positions exceed max_len {self.max_len}")
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(B, KV, self.max_len, D)
             self.v[layer] = v.new_zeros(B, KV, self.max_len, D)
+            if hasattr(torch, "_dynamo"):  # fixed addresses: CUDA graphs may then write them in place
+                torch._dynamo.mark_static_address(self.k[layer])
+                torch._dynamo.mark_static_address(self.v[layer])
         self.k[layer][:, :, start:start + T] = k
         self.v[layer][:, :, start:start + T] = v
         return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
@@ -115,14 +124,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, KV, L, D]
+            k, v = cache.update(self.layer, k, v, slots)  # [B, KV, L, D]
         # GQA: each group of H/KV query heads reads one key/value head. enable_gqa needs torch>=2.5,
         # and repeat_interleave costs little next to the matmuls at these sizes, so it is done by hand.
         if self.n_kv != self.n_heads:
@@ -155,8 +164,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -335,7 +344,7 @@ class Llama(nn.Module):
         return self
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, slots: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, V] (or the final-normed hidden [B, T, C] with return_hidden,
         so a loss can apply lm_head chunk by chunk and never hold [B, T, V] in fp32).
 
@@ -352,7 +361,12 @@ class Llama(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = None
-        if attention_mask is not None or past > 0:
+        if slots is not None:
+            # Static decode step: the T new tokens go to cache slots `slots` [T]; keys are all max_len slots,
+            # attention_mask [B, max_len] marks the written real ones (and position_ids must be given).
+            q_idx, k_idx = slots[:, None], torch.arange(cache.max_len, device=input_ids.device)[None, :]
+            mask = ((k_idx <= q_idx)[None, None] & attention_mask[:, None, None, :].bool()) | (k_idx == q_idx)[None, None]
+        elif attention_mask is not None or past > 0:
             # One boolean mask [B, 1, T, L] for all layers: causal over absolute index, keys padded out.
             # Each query may always see itself, so a padding row never softmaxes over nothing (no NaN).
             L = past + T
@@ -365,8 +379,8 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if not torch.is_autocast_enabled()
                                 else torch.get_autocast_dtype(x.device.type))
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
-        if cache is not None:
+            x = block(x, cos, sin, mask, cache, slots)
+        if cache is not None and slots is None:
             cache.length += T
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
@@ -604,9 +618,21 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _decode_step(model, compile: bool):
+    """model's one-token decode step. Its shapes are static and the cache buffers keep their addresses, so
+    compiled it is one graph for every step, replayed as a CUDA graph on CUDA (one kernel launch a step
+    instead of hundreds of Python-issued ones: what batch-1 decoding is bound by)."""
+    def step(tok, mask, pos, cache, slots):
+        return model(tok, attention_mask=mask, position_ids=pos, cache=cache, slots=slots)[:, -1]
+    if not compile:
+        return step
+    return torch.compile(step, mode="reduce-overhead" if model.device.type == "cuda" else None, fullgraph=True)
+
+
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id=None, seed: int | None = None, pad_id: int = 0) -> list[list[int]]:
+             top_p: float = 1.0, eos_id=None, seed: int | None = None, pad_id: int = 0,
+             compile: bool = False) -> list[list[int]]:
     """Batched generation with a KV cache: prompts (lists of ids, any lengths) are left-padded, the prefix
     runs once, then one token per step. Returns each prompt's new tokens, cut before its first eos.
     eos_id: an id, a list of ids, or None (the config's eos ids). Same seed, same samples."""
@@ -622,21 +648,30 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temper
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):] = 1
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.cfg.num_hidden_layers, P + max_new_tokens)
+    L = P + max_new_tokens
+    cache = KVCache(model.cfg.num_hidden_layers, L)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
     pos = mask.sum(-1, keepdim=True) - 1  # [B, 1] position of each row's last real token
+    # Decode steps have static shapes (one token, all L cache slots, the mask over L), so one compiled
+    # graph / CUDA graph serves every step; the mask's future slots are 0 until written.
+    full = torch.zeros((B, L), dtype=mask.dtype, device=device)
+    full[:, :P] = mask
+    step = _decode_step(model, compile)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gen)
         nxt = nxt.masked_fill(done, pad_id)
         out.append(nxt)
-        done |= torch.isin(nxt, eos_t)
-        if bool(done.all()) or len(out) == max_new_tokens:
+        if len(out) == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        if eos:  # without eos ids nothing can stop early: no per-step host sync
+            done |= torch.isin(nxt, eos_t)
+            if (i + 1) % 8 == 0 and bool(done.all()):  # a sync every 8 tokens, not every token
+                break
+        full[:, P + i] = 1
         pos = pos + 1
-        logits = model(nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache)[:, -1]
+        logits = step(nxt[:, None], full, pos, cache, torch.tensor([P + i], device=device))
     toks = torch.stack(out, 1).tolist()
     result = []
     for row in toks:

@@ -251,3 +251,11 @@ def test_token_logprobs_mask_scores_only_the_selected_positions(tmp_path):
         full = token_logprobs(m, x)
         part = token_logprobs(m, x, mask=mask, chunk_tokens=5)
     torch.testing.assert_close(part, full * mask, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, CUDA-graphed decode step needs a GPU")
+def test_compiled_decode_matches_eager_on_cuda(tmp_path):
+    _, d = hf_model("llama3_gqa", tmp_path, init=0.3)
+    m = Llama.from_pretrained(d, device="cuda").eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    assert generate(m, prompts, 20, eos_id=[], compile=True) == generate(m, prompts, 20, eos_id=[])
