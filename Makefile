@@ -228,6 +228,11 @@ smoke: $(VENV)/.runtime
 	  ALIGN_ARGS="--lr 1e-3 --batch-size 8 --gen-batch-size 32" DISTILL_ARGS="--lr 3e-3 --batch-size 8" \
 	  EVAL_ARGS="--eval $(SMOKE_DIR)/world/eval.jsonl --max-new-tokens 48" COMMON="--device cpu --seed 0 --quiet"
 
+# Speed against transformers on the same shapes (Llama-3.2-1B on CUDA, tiny on CPU); also runs/bench.json.
+bench: $(VENV)/.dev
+	@mkdir -p runs
+	$(PYTHON) bench.py --device $(DEVICE) --json runs/bench.json $(BENCH_ARGS)
+
 # Remove everything runs/ holds (the venv stays).
 clean:
 	rm -rf runs

@@ -516,7 +516,7 @@ def is_correct(text: str, answer) -> bool:
 # a few start values up to 120), every intermediate value is an integer in [0, MAX_VALUE], division is
 # exact: what a 1-5M-parameter Llama can learn on a CPU in minutes, but not trivially.
 
-MAX_VALUE = 200
+MAX_VALUE = 100
 EVAL_FRACTION = 0.2  # share of each template's problems (by numbers) reserved for eval
 NAMES = {"Mia": 0, "Ava": 0, "Zoe": 0, "Nora": 0, "Ella": 0, "Ivy": 0, "Lily": 0, "Ruby": 0, "Emma": 0, "Sara": 0,
          "Tom": 1, "Leo": 1, "Sam": 1, "Omar": 1, "Finn": 1, "Max": 1, "Ben": 1, "Jack": 1, "Noah": 1, "Luke": 1}
@@ -647,43 +647,43 @@ def _transfer(f, a, b, c, **_):
 # collecting, travel/reading, boxes, giving. Steps: 2 to 4.
 TEMPLATES = [
     ("shop", "{X} has {a} {obj}. {She} buys {n} {box} of {c} {obj}. {She} gives {d} {obj} to {Y}. "
-             "How many {obj} does {X} have now?", dict(a=(2, 20), n=(2, 5), c=(2, 10), d=(2, 20)), _shop),
+             "How many {obj} does {X} have now?", dict(a=(2, 12), n=(2, 5), c=(2, 10), d=(2, 12)), _shop),
     ("share", "{X} has {n} {box} with {c} {food} in each. {She} eats {d} of the {food}. {She} shares the rest "
               "equally among {k} friends. How many {food} does each friend get?",
      dict(n=(2, 5), c=(2, 12), d=(1, 10), k=(2, 6)), _share),
     ("share_found", "{X} finds {a} {obj} and {Y} finds {b} {obj}. They share them equally among {k} friends. "
-                    "How many {obj} does each friend get?", dict(a=(2, 20), b=(2, 20), k=(2, 6)), _share_found),
+                    "How many {obj} does each friend get?", dict(a=(2, 12), b=(2, 12), k=(2, 6)), _share_found),
     ("compare_sum", "{X} has {a} {obj}. {Y} has {b} more {obj} than {X}. How many {obj} do {X} and {Y} have "
-                    "altogether?", dict(a=(2, 20), b=(2, 20)), _compare_sum),
+                    "altogether?", dict(a=(2, 12), b=(2, 12)), _compare_sum),
     ("compare_times", "{X} has {a} {obj}. {Y} has {b} fewer {obj} than {X}. {Z} has {k} times as many {obj} "
-                      "as {Y}. How many {obj} does {Z} have?", dict(a=(3, 20), b=(1, 15), k=(2, 5)), _compare_times),
+                      "as {Y}. How many {obj} does {Z} have?", dict(a=(3, 12), b=(1, 12), k=(2, 5)), _compare_times),
     ("compare_total", "{X} has {a} {obj}. {Y} has {k} times as many {obj} as {X}. {Z} has {b} fewer {obj} "
                       "than {Y}. How many {obj} do the three of them have altogether?",
-     dict(a=(2, 20), k=(2, 4), b=(2, 15)), _compare_total),
+     dict(a=(2, 12), k=(2, 4), b=(2, 12)), _compare_total),
     ("ages_future", "{X} is {a} years old. {Y} is {b} years older than {X}. How old will {Y} be in {c} years?",
-     dict(a=(3, 15), b=(2, 12), c=(2, 10)), _ages_future),
+     dict(a=(3, 12), b=(2, 12), c=(2, 10)), _ages_future),
     ("ages_past", "{X} is {a} years old. {Y} is {k} times as old as {X}. {Z} is {b} years younger than {Y}. "
-                  "How old was {Z} {c} years ago?", dict(a=(2, 12), k=(2, 4), b=(2, 15), c=(2, 10)), _ages_past),
+                  "How old was {Z} {c} years ago?", dict(a=(2, 12), k=(2, 4), b=(2, 12), c=(2, 10)), _ages_past),
     ("money_spend", "{X} has {a} dollars. {She} buys {n} {obj} for {c} dollars each. How many dollars does {X} "
-                    "have left?", dict(a=(10, 50), n=(2, 5), c=(2, 9)), _money_spend),
+                    "have left?", dict(a=(10, 40), n=(2, 5), c=(2, 9)), _money_spend),
     ("money_earn", "{X} has {a} dollars. {She} earns {b} dollars each day for {n} days. Then {she} buys a "
                    "{thing} for {c} dollars. How many dollars does {X} have now?",
-     dict(a=(2, 20), b=(2, 10), n=(2, 6), c=(5, 30)), _money_earn),
+     dict(a=(2, 12), b=(2, 10), n=(2, 6), c=(5, 20)), _money_earn),
     ("collect_two", "{X} collects {a} {obj} on Monday. On Tuesday {she} collects {b} more {obj} than on Monday. "
-                    "How many {obj} does {X} collect in the two days?", dict(a=(2, 20), b=(2, 20)), _collect_two),
+                    "How many {obj} does {X} collect in the two days?", dict(a=(2, 12), b=(2, 12)), _collect_two),
     ("collect_three", "{X} collects {a} {obj} on Monday. On Tuesday {she} collects {k} times as many {obj} as "
                       "on Monday. On Wednesday {she} collects {b} fewer {obj} than on Tuesday. How many {obj} "
-                      "does {X} collect in the three days?", dict(a=(2, 15), k=(2, 4), b=(2, 15)), _collect_three),
+                      "does {X} collect in the three days?", dict(a=(2, 12), k=(2, 4), b=(2, 12)), _collect_three),
     ("travel", "A {vehicle} travels {s} miles each hour. It travels for {h} hours in the morning and {g} hours "
                "in the afternoon. How many miles does the {vehicle} travel in total?",
-     dict(s=(2, 20), h=(2, 6), g=(2, 6)), _travel),
+     dict(s=(2, 12), h=(2, 6), g=(2, 6)), _travel),
     ("reading", "A book has {c} pages. {X} reads {s} pages each day for {h} days and then {b} more pages. "
-                "How many pages does {X} still have to read?", dict(c=(30, 120), s=(2, 15), h=(2, 6), b=(2, 10)),
+                "How many pages does {X} still have to read?", dict(c=(20, 60), s=(2, 12), h=(2, 6), b=(2, 10)),
      _reading),
     ("boxes", "A {boxs} holds {c} {obj}. {X} fills {n} {box} and has {d} {obj} left over. How many {obj} does "
               "{X} have in all?", dict(c=(2, 12), n=(2, 9), d=(2, 11)), _boxes),
     ("transfer", "{X} has {a} {obj} and {Y} has {b} {obj}. {X} gives {c} {obj} to {Y}. How many more {obj} "
-                 "does {Y} have than {X} now?", dict(a=(5, 20), b=(2, 20), c=(2, 10)), _transfer),
+                 "does {Y} have than {X} now?", dict(a=(5, 12), b=(2, 12), c=(2, 10)), _transfer),
 ]
 
 
@@ -819,18 +819,20 @@ def teacher_solution(prompt_text: str, rng: random.Random, style: str | None = N
 
 
 def _equation(rng: random.Random) -> str:
+    """One arithmetic fact in the ranges the problems use: sums and differences up to MAX_VALUE with a
+    small second operand, products and exact quotients of the 12 x 12 table."""
     op = rng.choice("+-*/")
     if op == "+":
-        a, b = rng.randint(0, rng.choice([20, 100, 180])), rng.randint(0, 20)
+        a, b = rng.randint(0, rng.choice([12, 40, MAX_VALUE - 12])), rng.randint(0, 12)
         a, b, r = (b, a, a + b) if rng.random() < 0.5 else (a, b, a + b)
     elif op == "-":
-        r, b = rng.randint(0, rng.choice([20, 100, 180])), rng.randint(0, 20)
+        r, b = rng.randint(0, rng.choice([12, 40, MAX_VALUE - 12])), rng.randint(0, 12)
         a = r + b
     elif op == "*":
-        a, b = rng.randint(0, 20), rng.randint(0, 10)
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
         r = a * b
     else:
-        r, b = rng.randint(0, 20), rng.randint(1, 10)
+        r, b = rng.randint(0, 12), rng.randint(1, 12)
         a = r * b
     if rng.random() < 0.7:
         return f"{a} {op} {b} = {r}"
@@ -839,13 +841,20 @@ def _equation(rng: random.Random) -> str:
 
 
 def pretrain_corpus(n: int, seed: int) -> list[str]:
-    """n short plain-text documents for the base models: equations ("7 + 5 = 12", "3 times 4 is 12") and
-    world statements ("Mia has 6 apples.", "A box holds 4 pens."), one a line. No questions and no
-    step-by-step solutions: how to solve a problem is what the teacher's data teaches."""
+    """n short plain-text documents for the base models, of two kinds (half each):
+    - lines of equations ("7 + 5 = 12", "3 times 4 is 12") and world statements ("Mia has 6 apples.");
+    - scenes: a situation's statements followed by the facts that follow from them, stated without
+      working ("Max has 3 jars with 12 nuts in each. He eats 6 of the nuts. Max has 30 nuts left."), so a
+      base learns to read names and numbers from context, as open LLMs have from their pretraining.
+    No questions, no equations inside sentences, no numbered steps and no "####": how the teacher writes
+    a solution is what the teacher's data teaches. Scenes use train-split arithmetic only."""
     rng = random.Random(f"corpus:{seed}")
     statements = [(re.split(r"(?<=\.) ", pattern)[:-1], pattern, ranges) for _, pattern, ranges, _ in TEMPLATES]
     docs = []
     for _ in range(n):
+        if rng.random() < 0.5:
+            docs.append(_scene(rng))
+            continue
         lines = []
         for _ in range(rng.randint(3, 7)):
             if rng.random() < 0.5:
@@ -856,6 +865,28 @@ def pretrain_corpus(n: int, seed: int) -> list[str]:
                 lines.append(rng.choice(sentences).format(**v))
         docs.append("\n".join(lines))
     return docs
+
+
+def _scene(rng: random.Random) -> str:
+    return _scene_draw(rng)[2]
+
+
+def _scene_draw(rng: random.Random):
+    """(template name, fields, text) of one scene; eval-split arithmetic is redrawn."""
+    while True:
+        name, pattern, ranges, solve = rng.choice(TEMPLATES)
+        v = _draw_fields(pattern, ranges, rng)
+        if _is_eval(name, v, ranges):
+            continue
+        steps = _Steps(v, MAX_VALUE)
+        try:
+            solve(steps, **v)
+        except _Reject:
+            continue
+        situation = " ".join(re.split(r"(?<=\.) ", pattern)[:-1]).format(**v)
+        facts = [sentence.replace(eq, str(r)) for sentence, eq, r in steps.steps]
+        facts = [f[0].upper() + f[1:] + "." for f in facts]
+        return name, v, situation + " " + " ".join(facts)
 
 
 def world_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:

@@ -413,8 +413,17 @@ def test_pretrain_corpus_is_plain_text_not_solutions():
     lines = [line for d in docs for line in d.split("\n")]
     assert not any("####" in line or "?" in line or "answer" in line for line in lines)
     eqs = [line for line in lines if " = " in line]
-    assert len(eqs) > 300
+    assert len(eqs) > 150
     for line in eqs:
-        lhs, rhs = line.split(" = ")
+        lhs, rhs = line.split(" = ")  # equations stand alone, never inside a sentence
         assert eval(lhs.replace("/", "//")) == int(rhs)  # noqa: S307 (our own generated digits)
     assert any(" has " in line for line in lines) and any(" times " in line for line in lines)
+    # Scenes: a situation then the facts that follow, in sentences, with no working shown.
+    scenes = [d for d in docs if "\n" not in d and d.count(". ") >= 2]
+    assert len(scenes) > 100
+    assert not any(re.search(r"\d [-+*/] \d", s) or re.match(r"\d+\.", s) for s in scenes)
+    rng = random.Random(0)  # every scene's arithmetic is from the train split, never eval
+    for _ in range(300):
+        name, v, _text = data._scene_draw(rng)
+        ranges = next(r for n, _, r, _ in data.TEMPLATES if n == name)
+        assert not data._is_eval(name, v, ranges)
