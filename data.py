@@ -836,18 +836,20 @@ def _equation(rng: random.Random) -> str:
         a = r * b
     if rng.random() < 0.7:
         return f"{a} {op} {b} = {r}"
-    word = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}[op]
-    return f"{a} {word} {b} is {r}"
+    return f"{a} {_WORDS[op]} {b} is {r}"
 
 
 def pretrain_corpus(n: int, seed: int) -> list[str]:
     """n short plain-text documents for the base models, of two kinds (half each):
     - lines of equations ("7 + 5 = 12", "3 times 4 is 12") and world statements ("Mia has 6 apples.");
-    - scenes: a situation's statements followed by the facts that follow from them, stated without
-      working ("Max has 3 jars with 12 nuts in each. He eats 6 of the nuts. Max has 30 nuts left."), so a
-      base learns to read names and numbers from context, as open LLMs have from their pretraining.
-    No questions, no equations inside sentences, no numbered steps and no "####": how the teacher writes
-    a solution is what the teacher's data teaches. Scenes use train-split arithmetic only."""
+    - scenes: a situation's statements followed by the facts that follow from them, each with its
+      arithmetic in words ("Max has 3 jars with 12 nuts in each. He eats 6 of the nuts. 3 times 12 is 36,
+      so Max has 36 nuts. 36 minus 6 is 30, so after eating 6, Max has 30 nuts left."), so a base learns
+      to read names and numbers from context and to compute with them, as open LLMs have from their
+      pretraining (measured: without this, an SFT'd tiny proxy copied only 17 % of the prompt's numbers
+      into its solutions correctly, teacher-forced).
+    No questions, no symbolic equations inside sentences, no numbered steps and no "####": how the
+    teacher writes a solution is what the teacher's data teaches. Scenes use train-split arithmetic only."""
     rng = random.Random(f"corpus:{seed}")
     statements = [(re.split(r"(?<=\.) ", pattern)[:-1], pattern, ranges) for _, pattern, ranges, _ in TEMPLATES]
     docs = []
@@ -884,9 +886,14 @@ def _scene_draw(rng: random.Random):
         except _Reject:
             continue
         situation = " ".join(re.split(r"(?<=\.) ", pattern)[:-1]).format(**v)
-        facts = [sentence.replace(eq, str(r)) for sentence, eq, r in steps.steps]
-        facts = [f[0].upper() + f[1:] + "." for f in facts]
-        return name, v, situation + " " + " ".join(facts)
+        facts = []
+        for sentence, eq, r in steps.steps:
+            x, op, y, _, _ = eq.split(" ")
+            facts.append(f"{x} {_WORDS[op]} {y} is {r}, so {sentence.replace(eq, str(r))}.")
+        return name, v, situation + " " + " ".join(f[0].upper() + f[1:] for f in facts)
+
+
+_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
 
 
 def world_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:

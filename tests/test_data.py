@@ -418,10 +418,10 @@ def test_pretrain_corpus_is_plain_text_not_solutions():
         lhs, rhs = line.split(" = ")  # equations stand alone, never inside a sentence
         assert eval(lhs.replace("/", "//")) == int(rhs)  # noqa: S307 (our own generated digits)
     assert any(" has " in line for line in lines) and any(" times " in line for line in lines)
-    # Scenes: a situation then the facts that follow, in sentences, with no working shown.
+    # Scenes: a situation then the facts that follow, in sentences, arithmetic in words, never in symbols.
     scenes = [d for d in docs if "\n" not in d and d.count(". ") >= 2]
-    assert len(scenes) > 100
-    assert not any(re.search(r"\d [-+*/] \d", s) or re.match(r"\d+\.", s) for s in scenes)
+    assert len(scenes) > 100 and all(", so " in s for s in scenes)
+    assert not any(re.search(r"\d [-+*/=] \d", s) or re.match(r"\d+\.", s) for s in scenes)
     rng = random.Random(0)  # every scene's arithmetic is from the train split, never eval
     for _ in range(300):
         name, v, _text = data._scene_draw(rng)
