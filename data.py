@@ -512,8 +512,8 @@ def is_correct(text: str, answer) -> bool:
 #
 # Multi-step arithmetic word problems (DESIGN.md, "The embedded world"). A template is a prompt pattern
 # with fields, number ranges, and a solver that writes the steps. The same pattern renders a prompt
-# and, compiled to a regex, parses one back: the teacher sees only text. Operands are small (<= 20,
-# a few start values up to 120), every intermediate value is an integer in [0, MAX_VALUE], division is
+# and, compiled to a regex, parses one back: the teacher sees only text. Operands are small (<= 9,
+# a few start values up to 50), every intermediate value is an integer in [0, MAX_VALUE], division is
 # exact: what a 1-5M-parameter Llama can learn on a CPU in minutes, but not trivially.
 
 MAX_VALUE = 100
@@ -647,43 +647,43 @@ def _transfer(f, a, b, c, **_):
 # collecting, travel/reading, boxes, giving. Steps: 2 to 4.
 TEMPLATES = [
     ("shop", "{X} has {a} {obj}. {She} buys {n} {box} of {c} {obj}. {She} gives {d} {obj} to {Y}. "
-             "How many {obj} does {X} have now?", dict(a=(2, 12), n=(2, 5), c=(2, 10), d=(2, 12)), _shop),
+             "How many {obj} does {X} have now?", dict(a=(2, 9), n=(2, 5), c=(2, 9), d=(2, 9)), _shop),
     ("share", "{X} has {n} {box} with {c} {food} in each. {She} eats {d} of the {food}. {She} shares the rest "
               "equally among {k} friends. How many {food} does each friend get?",
-     dict(n=(2, 5), c=(2, 12), d=(1, 10), k=(2, 6)), _share),
+     dict(n=(2, 5), c=(2, 9), d=(1, 9), k=(2, 6)), _share),
     ("share_found", "{X} finds {a} {obj} and {Y} finds {b} {obj}. They share them equally among {k} friends. "
-                    "How many {obj} does each friend get?", dict(a=(2, 12), b=(2, 12), k=(2, 6)), _share_found),
+                    "How many {obj} does each friend get?", dict(a=(2, 9), b=(2, 9), k=(2, 6)), _share_found),
     ("compare_sum", "{X} has {a} {obj}. {Y} has {b} more {obj} than {X}. How many {obj} do {X} and {Y} have "
-                    "altogether?", dict(a=(2, 12), b=(2, 12)), _compare_sum),
+                    "altogether?", dict(a=(2, 9), b=(2, 9)), _compare_sum),
     ("compare_times", "{X} has {a} {obj}. {Y} has {b} fewer {obj} than {X}. {Z} has {k} times as many {obj} "
-                      "as {Y}. How many {obj} does {Z} have?", dict(a=(3, 12), b=(1, 12), k=(2, 5)), _compare_times),
+                      "as {Y}. How many {obj} does {Z} have?", dict(a=(3, 9), b=(1, 9), k=(2, 5)), _compare_times),
     ("compare_total", "{X} has {a} {obj}. {Y} has {k} times as many {obj} as {X}. {Z} has {b} fewer {obj} "
                       "than {Y}. How many {obj} do the three of them have altogether?",
-     dict(a=(2, 12), k=(2, 4), b=(2, 12)), _compare_total),
+     dict(a=(2, 9), k=(2, 4), b=(2, 9)), _compare_total),
     ("ages_future", "{X} is {a} years old. {Y} is {b} years older than {X}. How old will {Y} be in {c} years?",
-     dict(a=(3, 12), b=(2, 12), c=(2, 10)), _ages_future),
+     dict(a=(3, 9), b=(2, 9), c=(2, 9)), _ages_future),
     ("ages_past", "{X} is {a} years old. {Y} is {k} times as old as {X}. {Z} is {b} years younger than {Y}. "
-                  "How old was {Z} {c} years ago?", dict(a=(2, 12), k=(2, 4), b=(2, 12), c=(2, 10)), _ages_past),
+                  "How old was {Z} {c} years ago?", dict(a=(2, 9), k=(2, 4), b=(2, 9), c=(2, 9)), _ages_past),
     ("money_spend", "{X} has {a} dollars. {She} buys {n} {obj} for {c} dollars each. How many dollars does {X} "
-                    "have left?", dict(a=(10, 40), n=(2, 5), c=(2, 9)), _money_spend),
+                    "have left?", dict(a=(10, 30), n=(2, 5), c=(2, 9)), _money_spend),
     ("money_earn", "{X} has {a} dollars. {She} earns {b} dollars each day for {n} days. Then {she} buys a "
                    "{thing} for {c} dollars. How many dollars does {X} have now?",
-     dict(a=(2, 12), b=(2, 10), n=(2, 6), c=(5, 20)), _money_earn),
+     dict(a=(2, 9), b=(2, 9), n=(2, 6), c=(5, 15)), _money_earn),
     ("collect_two", "{X} collects {a} {obj} on Monday. On Tuesday {she} collects {b} more {obj} than on Monday. "
-                    "How many {obj} does {X} collect in the two days?", dict(a=(2, 12), b=(2, 12)), _collect_two),
+                    "How many {obj} does {X} collect in the two days?", dict(a=(2, 9), b=(2, 9)), _collect_two),
     ("collect_three", "{X} collects {a} {obj} on Monday. On Tuesday {she} collects {k} times as many {obj} as "
                       "on Monday. On Wednesday {she} collects {b} fewer {obj} than on Tuesday. How many {obj} "
-                      "does {X} collect in the three days?", dict(a=(2, 12), k=(2, 4), b=(2, 12)), _collect_three),
+                      "does {X} collect in the three days?", dict(a=(2, 9), k=(2, 4), b=(2, 9)), _collect_three),
     ("travel", "A {vehicle} travels {s} miles each hour. It travels for {h} hours in the morning and {g} hours "
                "in the afternoon. How many miles does the {vehicle} travel in total?",
-     dict(s=(2, 12), h=(2, 6), g=(2, 6)), _travel),
+     dict(s=(2, 9), h=(2, 6), g=(2, 6)), _travel),
     ("reading", "A book has {c} pages. {X} reads {s} pages each day for {h} days and then {b} more pages. "
-                "How many pages does {X} still have to read?", dict(c=(20, 60), s=(2, 12), h=(2, 6), b=(2, 10)),
+                "How many pages does {X} still have to read?", dict(c=(20, 50), s=(2, 9), h=(2, 6), b=(2, 9)),
      _reading),
     ("boxes", "A {boxs} holds {c} {obj}. {X} fills {n} {box} and has {d} {obj} left over. How many {obj} does "
-              "{X} have in all?", dict(c=(2, 12), n=(2, 9), d=(2, 11)), _boxes),
+              "{X} have in all?", dict(c=(2, 9), n=(2, 9), d=(2, 9)), _boxes),
     ("transfer", "{X} has {a} {obj} and {Y} has {b} {obj}. {X} gives {c} {obj} to {Y}. How many more {obj} "
-                 "does {Y} have than {X} now?", dict(a=(5, 12), b=(2, 12), c=(2, 10)), _transfer),
+                 "does {Y} have than {X} now?", dict(a=(5, 9), b=(2, 9), c=(2, 9)), _transfer),
 ]
 
 
