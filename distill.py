@@ -526,10 +526,10 @@ def cmd_train(args):
     tok, fmt = proxy_align.load_tok_and_format(args)
     rows = proxy_align.teacher_rows(args.data)
     seqs, cut = proxy_align.encode_rows(tok, rows, fmt, args.max_len)
-    if cut:
+    if cut and train.is_main():
         print(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}", flush=True)
-    model = train.load_model(args.init, tok, device, seed=args.seed, lora_rank=args.lora_rank,
-                             lora_alpha=args.lora_alpha)
+    model = train.load_model(args.init, tok, train.build_device(args, device), seed=args.seed,
+                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     pad = data.special_ids(tok)["pad"]
     cache = proxy = None
     if kd and args.cache:
@@ -545,7 +545,8 @@ def cmd_train(args):
         if cache is not None:
             ell = cache.mean_logp
         else:  # full-vocabulary mode without a cache: ℓ over the whole set, one proxy pass before training
-            print("proxy log-probs over the data for the sample weights", flush=True)
+            if train.is_main():
+                print("proxy log-probs over the data for the sample weights", flush=True)
             ell = proxy_mean_logps(proxy, seqs, pad, device, args.batch_size, args.chunk_tokens)
         weights = sample_weights(ell, args.gamma)
     elif kd:
@@ -555,8 +556,10 @@ def cmd_train(args):
     train.write_args(out, args, {"format": fmt, "n_samples": len(seqs), "weights": summary})
     teacher = (f"top-{args.topk} of cache {args.cache}" if args.topk and cache is not None else
                f"full vocabulary of proxy {args.proxy}" if proxy is not None else "no proxy")
-    print(f"distill ({args.method}): {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, KL from "
-          f"{teacher}, format {fmt}, device {device}", flush=True)
+    if train.is_main():
+        print(f"distill ({args.method}): {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, KL from "
+              f"{teacher}, format {fmt}, device {device}"
+              + (f", {train.world()} ranks ({args.dist})" if train.world() > 1 else ""), flush=True)
     if summary is not None and train.find_checkpoint(out / "checkpoint") is None:
         train.MetricsLog(out, quiet=args.quiet)({"stage": "weights", "method": args.method, "gamma": args.gamma,
                                                  **summary})
@@ -622,7 +625,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return {"cache": cmd_cache, "train": cmd_train}[args.cmd](args)
+        # `train` runs under torchrun (--dist ddp|fsdp); `cache` is one no-grad pass and runs in one process.
+        with train.distributed(args):
+            return {"cache": cmd_cache, "train": cmd_train}[args.cmd](args)
     except (CheckpointError, data.DataError, CacheError) as e:
         train.fail(str(e))
 

@@ -119,14 +119,15 @@ def cmd_sft(args):
     tok, fmt = load_tok_and_format(args)
     rows = data.read_jsonl(args.data) if _is_text_file(args.data) else teacher_rows(args.data)
     seqs, cut = encode_rows(tok, rows, fmt, args.max_len)
-    if cut:
+    if cut and train.is_main():
         print(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}", flush=True)
-    model = train.load_model(args.init, tok, device, seed=args.seed, lora_rank=args.lora_rank,
-                             lora_alpha=args.lora_alpha)
+    model = train.load_model(args.init, tok, train.build_device(args, device), seed=args.seed,
+                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     train.write_args(args.out, args, {"format": fmt, "n_samples": len(seqs)})
-    print(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device {device}",
-          flush=True)
+    if train.is_main():
+        print(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device "
+              f"{device}" + (f", {train.world()} ranks ({args.dist})" if train.world() > 1 else ""), flush=True)
     finished = train.train_stage(model, seqs, train.nll_loss_fn, train.nll_window_norm(seqs), args, tok, device, "sft")
     if finished and args.eval:
         report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
@@ -141,13 +142,20 @@ def _is_text_file(path) -> bool:
 
 
 def report_eval(model, tok, fmt, args, out: Path, row: dict):
-    rows = data.read_prompts(args.eval)[: args.eval_limit or None]
-    res = train.evaluate(model, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
-                         desc=f"eval {row.get('stage', '')}")
-    log = train.MetricsLog(out, quiet=args.quiet)
-    log({**row, "eval_accuracy": res["accuracy"], "eval_n": res["n"]})
-    data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": res["accuracy"], "n": res["n"]}) + "\n")
-    return res["accuracy"]
+    """Accuracy by greedy generation, logged and written to eval.json. Under torchrun rank 0 evaluates the whole
+    model (gathered under FSDP) while the others wait; returns None on them."""
+    plain = train.gathered(model, device=model.device)
+    acc = None
+    if plain is not None:
+        rows = data.read_prompts(args.eval)[: args.eval_limit or None]
+        res = train.evaluate(plain, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
+                             desc=f"eval {row.get('stage', '')}")
+        log = train.MetricsLog(out, quiet=args.quiet)
+        log({**row, "eval_accuracy": res["accuracy"], "eval_n": res["n"]})
+        data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": res["accuracy"], "n": res["n"]}) + "\n")
+        acc = res["accuracy"]
+    train.barrier()
+    return acc
 
 
 # ------------------------------------------------------------------------------------------- align
@@ -162,23 +170,36 @@ def round_chunks(rows: list[dict], rounds: int, seed: int) -> list[list[dict]]:
 @torch.no_grad()
 def sample_rejected(model, tok, rows, fmt, args, round_idx: int) -> list[list[int]]:
     """One response per prompt from the current proxy; token ids plus the end-of-turn token when it stopped
-    by itself (a response cut at the budget keeps no end token)."""
+    by itself (a response cut at the budget keeps no end token).
+
+    Prompts are batched by length; batch b's seed is fixed by the seed, the round and its first position, not
+    by who runs it. Under torchrun rank r samples batches r, r + N, ... and every rank receives all results,
+    so N ranks draw exactly the samples one process draws (at the same --gen-batch-size)."""
     stop = data.stop_ids(tok, fmt)
     pad = data.special_ids(tok)["pad"]
     prompts = [data.encode_prompt(tok, data.messages_of(r), fmt) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in rows]
+    # FSDP all-gathers every block in every forward, so all ranks must run the same number of them: the same
+    # number of batches (train.share's fillers) and no early stop at the end-of-turn token: every batch decodes
+    # the whole budget, cut at the first stop token here. (The tokens up to it are the same either way: each
+    # step draws from one generator over all rows, whether or not some rows have stopped.)
+    fsdp = train.is_fsdp(model)
+    out: dict[int, list[int]] = {}
     model.eval()
     with train.autocast(model.device):
-        for s in range(0, len(order), args.gen_batch_size):
+        for s, real in train.share(list(range(0, len(order), args.gen_batch_size)), lockstep=fsdp):
             idx = order[s:s + args.gen_batch_size]
             new = generate(model, [prompts[i] for i in idx], args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, eos_id=stop, pad_id=pad,
+                           top_p=args.top_p, eos_id=[] if fsdp else stop, pad_id=pad,
                            seed=args.seed * 100003 + round_idx * 1009 + s)
-            for i, toks in zip(idx, new):
+            for i, toks in zip(idx, new if real else []):
+                if fsdp:
+                    toks = toks[:next((j for j, t in enumerate(toks) if t in stop), len(toks))]
                 out[i] = toks + ([stop[0]] if len(toks) < args.max_new_tokens else [])
     model.train()
-    return out
+    for part in train.gather_objects(out):
+        out.update(part)
+    return [out[i] for i in range(len(rows))]
 
 
 def build_pairs(tok, rows, rejected_tokens, fmt, max_len):
@@ -195,20 +216,22 @@ def build_pairs(tok, rows, rejected_tokens, fmt, max_len):
 
 @torch.no_grad()
 def reference_logps(model, pairs, pad_id, device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every chosen and rejected sequence under the round's reference."""
+    """Summed response log-probs of every chosen and rejected sequence under the round's reference. Under
+    torchrun the batches are shared out like sample_rejected's and the results gathered on every rank."""
     model.eval()
-    sums = {}
+    jobs = [(which, s) for which in (0, 1) for s in range(0, len(pairs), batch_size)]
+    done = {}
     with train.autocast(device):
-        for which in (0, 1):
-            seqs = [p[which] for p in pairs]
-            acc = []
-            for s in range(0, len(seqs), batch_size):
-                b = {k: v.to(device) for k, v in data.collate([(q.ids, q.labels) for q in seqs[s:s + batch_size]],
-                                                               pad_id).items()}
-                acc.append(sequence_logps(model, b)[0].float().cpu())
-            sums[which] = torch.cat(acc)
+        for (which, s), real in train.share(jobs, lockstep=train.is_fsdp(model)):
+            b = {k: v.to(device) for k, v in data.collate([(p[which].ids, p[which].labels)
+                                                           for p in pairs[s:s + batch_size]], pad_id).items()}
+            lp = sequence_logps(model, b)[0].float().cpu()
+            if real:
+                done[(which, s)] = lp
     model.train()
-    return sums[0], sums[1]
+    for part in train.gather_objects(done):
+        done.update(part)
+    return tuple(torch.cat([done[(which, s)] for s in range(0, len(pairs), batch_size)]) for which in (0, 1))
 
 
 def save_round_data(rdir: Path, rows, rejected, ref_c, ref_r):
@@ -257,21 +280,24 @@ def cmd_align(args):
     rows = teacher_rows(args.data)
     chunks = round_chunks(rows, args.rounds, args.seed)
     heldout = teacher_rows(args.heldout)[: args.heldout_limit or None] if args.heldout else None
-    model = train.load_model(args.init, tok, device, seed=args.seed, lora_rank=args.lora_rank,
-                             lora_alpha=args.lora_alpha)
+    model = train.load_model(args.init, tok, train.build_device(args, device), seed=args.seed,
+                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+    window = args.batch_size * args.grad_accum * train.world()  # pairs per optimizer step, over all ranks
     ck = train.check_fresh_or_resume(out, args.resume)
     start_round, start_step, st, gstep0 = 0, 0, None, 0
     if ck is not None:
         st = train.load_train_state(ck)
+        train.check_window(st, window, ck)
         train.restore_weights(model, ck)
         start_round, start_step, gstep0 = st["round"], st["step"], st["gstep0"]
-        print(f"resumed align from {ck}: round {start_round + 1}/{args.rounds}, step {start_step}", flush=True)
+        if train.is_main():
+            print(f"resumed align from {ck}: round {start_round + 1}/{args.rounds}, step {start_step}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     train.write_args(out, args, {"format": fmt})
     log = train.MetricsLog(out, resume_from=None if ck is None else
                            {"round": start_round + 1, "stage": "align", "step": start_step,
                             "stage_order": ["align", "round_end"]}, quiet=args.quiet)
-    fwd = train.maybe_compile(model, device, args.compile)
+    fwd = train.distribute(model, args, device)
     loss_fn = align_loss_fn(args.beta, args.dpo_logp)
     if ck is None and (args.eval or heldout):
         log_round_end(model, tok, fmt, args, heldout, log, 0)  # round 0 = the proxy before alignment
@@ -282,27 +308,29 @@ def cmd_align(args):
         saved = load_round_data(rdir) if (st is not None and k == start_round) else None
         if saved is None:
             # The model now is π_p^{k}: sample from it and score both responses with it, once, before training.
+            # Under torchrun each rank does its share of both and every rank gets all of it; rank 0 writes it.
             rejected = sample_rejected(model, tok, chunk, fmt, args, k)
             pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
             ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
-            save_round_data(rdir, chunk, rejected, ref_c, ref_r)
+            if train.is_main():
+                save_round_data(rdir, chunk, rejected, ref_c, ref_r)
         else:
             rejected, ref_c, ref_r = saved
             pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
         windows = train.plan_windows([len(c.ids) + len(r.ids) for c, r in pairs], args.batch_size,
-                                     args.grad_accum, args.epochs, args.seed + k)
+                                     args.grad_accum * train.world(), args.epochs, args.seed + k)
         opt = train.make_optimizer(model, args.lr, args.weight_decay, device)  # a fresh Adam each round
         step0 = 0
         if st is not None and k == start_round:
             if st.get("optimizer") is not None and start_step > 0:
-                opt.load_state_dict(st["optimizer"])
+                train.load_optimizer_state(model, opt, st, ck)
             train.set_rng_state(st["rng"])
             step0 = start_step
         st = None
 
         def save(step, k=k, opt=opt, g=gstep0):
             train.save_checkpoint(out / "checkpoint", model, opt, tok,
-                                  {"stage": "align", "round": k, "step": step, "gstep0": g})
+                                  {"stage": "align", "round": k, "step": step, "gstep0": g, "window": window})
 
         def tagged(row, k=k, g=gstep0):
             log({**row, "round": k + 1, "global_step": g + row["step"]})
@@ -315,23 +343,28 @@ def cmd_align(args):
         if done < len(windows):
             return 3
         gstep0 += len(windows)
-        model.save_pretrained(rdir)
-        data.save_tokenizer(tok, rdir)
+        train.save_model(model, rdir, tok)
         end = log_round_end(model, tok, fmt, args, heldout, log, k + 1)
         if k + 1 == args.rounds and "eval_accuracy" in end:
             data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": end["eval_accuracy"]}) + "\n")
         # The next round starts from here: a checkpoint at (k+1, step 0) makes that the resume point.
         train.save_checkpoint(out / "checkpoint", model, None, tok,
-                              {"stage": "align", "round": k + 1, "step": 0, "gstep0": gstep0})
+                              {"stage": "align", "round": k + 1, "step": 0, "gstep0": gstep0, "window": window})
         if args.stop_after and gstep0 >= args.stop_after:
             return 3 if k + 1 < args.rounds else 0
-    model.save_pretrained(out)
-    data.save_tokenizer(tok, out)
+    train.save_model(model, out, tok)
     return 0
 
 
 def log_round_end(model, tok, fmt, args, heldout, log, k: int):
+    """Top-1 agreement and accuracy after round k. Under torchrun rank 0 measures the whole model (gathered under
+    FSDP) while the others wait, and they return {}."""
+    plain = train.gathered(model, device=model.device) if (heldout or args.eval) else None
     row = {"stage": "round_end", "round": k}
+    if not train.is_main():
+        train.barrier()
+        return {}
+    model = plain if plain is not None else model
     if heldout:
         row["agreement"] = train.top1_agreement(model, tok, heldout, fmt, args.max_len, args.gen_batch_size)
     if args.eval:
@@ -339,6 +372,7 @@ def log_round_end(model, tok, fmt, args, heldout, log, k: int):
         row["eval_accuracy"] = train.evaluate(model, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
                                               desc=f"eval round {k}")["accuracy"]
     log(row)
+    train.barrier()
     return row
 
 
@@ -375,7 +409,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return {"sft": cmd_sft, "align": cmd_align}[args.cmd](args)
+        with train.distributed(args):
+            return {"sft": cmd_sft, "align": cmd_align}[args.cmd](args)
     except (CheckpointError, data.DataError) as e:
         train.fail(str(e))
 
