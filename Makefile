@@ -44,7 +44,7 @@ RUN ?= runs/seed$(SEED)
 # The embedded world's sizes (teacher prompts, eval problems, pretraining documents, BPE vocabulary).
 N_PROMPTS ?= 4000
 N_EVAL ?= 500
-N_CORPUS ?= 20000
+N_CORPUS ?= 30000
 VOCAB ?= 1024
 # Real parts (empty: the embedded ones).
 TEACHER_URL ?=
@@ -66,12 +66,12 @@ ALPHA ?= 100
 GAMMA ?= 0.4
 # Optimisation per stage; the scripts' own defaults are the paper's (Adam, constant lr 1e-5, one epoch,
 # LoRA on real models), these are tuned for the tiny embedded models trained in full.
-PRETRAIN_ARGS ?= --lr 2e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 32
+PRETRAIN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 50 --batch-size 16
 PROXY_PRETRAIN_EPOCHS ?= 1
-STUDENT_PRETRAIN_EPOCHS ?= 1
-SFT_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 3
+STUDENT_PRETRAIN_EPOCHS ?= 0.4
+SFT_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 5
 ALIGN_ARGS ?= --lr 5e-4 --batch-size 16
-DISTILL_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 2
+DISTILL_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 3
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
 COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25
