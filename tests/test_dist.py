@@ -5,7 +5,6 @@ and distillation, with DDP and with FSDP2; a run cut by --stop-after and resumed
 to an uninterrupted one. Each torchrun launch is a real CLI run in 2 fresh processes (a few seconds each)."""
 import json
 import os
-import random
 import re
 import shutil
 import socket
@@ -22,6 +21,7 @@ import data
 import distill
 import proxy_align
 from model import Config, Llama
+from conftest import write_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,7 @@ def world(tmp_path_factory):
     rounds of alignment; 40 for distillation), an SFT'd toy proxy to align, a random proxy and its cache over the
     40, and a random student with an untied head."""
     d = tmp_path_factory.mktemp("dist_world")
-    tok = data.world_tokenizer(vocab_size=400, seed=0)
-    data.save_tokenizer(tok, d)
-    rng = random.Random(0)
-    rows = [{**p, "response": data.teacher_solution(p["prompt"], rng), "finish_reason": "stop"}
-            for p in data.make_problems(120, seed=0)]
+    tok, rows = write_world(d, 120)
     data.write_jsonl(d / "sft.jsonl", rows[:42])
     data.write_jsonl(d / "align.jsonl", rows[42:66])
     data.write_jsonl(d / "D_s.jsonl", rows[66:106])

@@ -1,10 +1,8 @@
 """Stage 2: the KL terms against float64 brute force, the chunked loss against the unchunked one (values and
 gradients), the sample weights by hand, the proxy cache round trip and resume, bounded memory of the chunked
 full-vocabulary loss, and the training loop (resume, accumulation, cached vs online KL, refusals)."""
-import gc
 import json
 import math
-import random
 import shutil
 
 import pytest
@@ -16,6 +14,7 @@ import data
 import distill
 import proxy_align
 from model import Config, Llama, token_logprobs
+from conftest import write_world
 
 
 # ------------------------------------------------------------------------------------- the KL terms
@@ -133,19 +132,9 @@ def test_chunked_loss_equals_unchunked_values_and_grads(mode):
 
 
 def cpu_peak_bytes(fn) -> int:
-    """Peak bytes the CPU allocator held during fn() above its level at the start: torch.profiler records each
-    allocation (+n) and free (-n); their running sum in time order is the live-bytes curve."""
-    from torch.profiler import ProfilerActivity, profile
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    """Peak bytes the CPU allocator held during fn() (the benchmark's measure, from its profiler trace)."""
+    import bench
+    return bench.peak_bytes(fn, torch.device("cpu"))
 
 
 def test_chunked_full_vocab_loss_peak_memory_is_bounded():
@@ -186,11 +175,7 @@ def world(tmp_path_factory):
     """Tokenizer, 40 teacher rows of the embedded world, an eval file, and a random toy proxy (with its
     tokenizer) saved as an HF directory."""
     d = tmp_path_factory.mktemp("distill_world")
-    tok = data.world_tokenizer(vocab_size=400, seed=0)
-    data.save_tokenizer(tok, d)
-    rng = random.Random(0)
-    rows = [{**p, "response": data.teacher_solution(p["prompt"], rng), "finish_reason": "stop"}
-            for p in data.make_problems(40, seed=0)]
+    tok, rows = write_world(d, 40)
     data.write_jsonl(d / "D_s.jsonl", rows)
     data.write_jsonl(d / "eval.jsonl", data.make_problems(4, seed=0, split="eval"))
     ids = data.special_ids(tok)

@@ -9,6 +9,7 @@ import data
 import proxy_align
 import train
 from model import Llama
+from conftest import write_world
 
 
 # ------------------------------------------------------------------------------------- dpo_loss
@@ -61,13 +62,8 @@ def test_lr_schedule():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tokenizer, teacher rows and eval rows of the embedded world, written as the pipeline writes them."""
-    import random
     d = tmp_path_factory.mktemp("world")
-    tok = data.world_tokenizer(vocab_size=400, seed=0)
-    data.save_tokenizer(tok, d)
-    rng = random.Random(0)
-    rows = [{**p, "response": data.teacher_solution(p["prompt"], rng), "finish_reason": "stop"}
-            for p in data.make_problems(240, seed=0)]
+    tok, rows = write_world(d, 240)
     data.write_jsonl(d / "teacher.jsonl", rows)
     data.write_jsonl(d / "small.jsonl", rows[:48])
     data.write_jsonl(d / "heldout.jsonl", rows[200:])
