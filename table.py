@@ -3,6 +3,7 @@
 
     python table.py summary --run runs/seed0 --bases runs/bases
     python table.py collect --runs runs/seed0 runs/seed1 runs/seed2 --bases runs/bases --out runs/table.md
+    python table.py numbers --model runs/seed0/proxy --data runs/teacher/teacher_eval.jsonl
 """
 from __future__ import annotations
 
@@ -116,6 +117,48 @@ def draw(rows, ags, rounds, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def number_accuracy(model_dir: Path, teacher_path: Path, limit: int = 100) -> dict:
+    """Where a model fails on the teacher's solutions, teacher-forced top-1 over response tokens: every
+    digit; whole numbers copied from the prompt; whole numbers right after "=" (a step's result); the
+    other tokens. A number counts as right when all its digits are."""
+    import re
+
+    import torch
+
+    import data
+    from model import Llama
+    tok = data.load_tokenizer(model_dir)
+    fmt = data.guess_format(model_dir)
+    model = Llama.from_pretrained(model_dir).eval()
+    counts = {k: [0, 0] for k in ("digits", "copied numbers", "step results", "other tokens")}
+    for r in data.read_teacher(teacher_path)[:limit]:
+        ids, labels = data.encode_pair(tok, data.messages_of(r), r["response"], fmt)
+        with torch.no_grad():
+            pred = model(torch.tensor([ids]))[0, :-1].argmax(-1).tolist()
+        ok = [None] + [pred[t - 1] == ids[t] for t in range(1, len(ids))]  # ok[t]: token t predicted
+        pieces = [tok.id_to_token(i) for i in ids]
+        in_prompt = set(re.findall(r"\d+", r["prompt"]))
+        t = next(i for i, lab in enumerate(labels) if lab != data.IGNORE_INDEX)
+        while t < len(ids):
+            if not pieces[t].isdigit():
+                counts["other tokens"][0] += ok[t]
+                counts["other tokens"][1] += 1
+                t += 1
+                continue
+            u = t
+            while u < len(ids) and pieces[u].isdigit():
+                counts["digits"][0] += ok[u]
+                counts["digits"][1] += 1
+                u += 1
+            before = tok.decode(ids[max(0, t - 3):t]).rstrip()
+            kind = "step results" if before.endswith("=") else "copied numbers" if tok.decode(ids[t:u]) in in_prompt else None
+            if kind:
+                counts[kind][0] += all(ok[t:u])
+                counts[kind][1] += 1
+            t = u
+    return {k: (a / n if n else float("nan"), n) for k, (a, n) in counts.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -128,7 +171,15 @@ def main(argv=None):
     c.add_argument("--out", required=True, help="markdown file to write")
     c.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
     c.add_argument("--note", default="", help="a line above the table (command, machine)")
+    n = sub.add_parser("numbers", help="teacher-forced accuracy on digits, copied numbers and step results")
+    n.add_argument("--model", required=True, help="HF-layout checkpoint directory")
+    n.add_argument("--data", required=True, help="teacher JSONL (e.g. runs/teacher/teacher_eval.jsonl)")
+    n.add_argument("--limit", type=int, default=100, help="use the first N rows")
     args = p.parse_args(argv)
+    if args.cmd == "numbers":
+        for k, (acc, count) in number_accuracy(Path(args.model), Path(args.data), args.limit).items():
+            print(f"  {k:<16} {100 * acc:5.1f} %  of {count}")
+        return 0
     if args.cmd == "summary":
         print(summary(Path(args.run), Path(args.bases)))
     else:
