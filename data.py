@@ -440,10 +440,16 @@ def truncate(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int]
 
 
 def encode_rows(tok, rows, fmt: str, max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Teacher rows -> truncated (input_ids, labels) pairs, and how many were cut (callers print it)."""
+    """Rows -> truncated (input_ids, labels) pairs, and how many were cut (callers print it). Teacher rows
+    are masked to their response; plain-text rows ({"text"}, for pretraining) make every token a target."""
     pairs, cut = [], 0
+    bos, eos = special_ids(tok)["bos"], special_ids(tok)["eos"]
     for r in rows:
-        ids, labels = encode_pair(tok, messages_of(r), r["response"], fmt)
+        if "text" in r and "response" not in r:
+            ids = ([bos] if bos is not None else []) + tok.encode(r["text"], add_special_tokens=False).ids + [eos]
+            labels = list(ids)
+        else:
+            ids, labels = encode_pair(tok, messages_of(r), r["response"], fmt)
         cut += len(ids) > max_len
         pairs.append(truncate(ids, labels, max_len))
     return pairs, cut

@@ -614,10 +614,7 @@ def build_parser():
                         "authors' code, the paper says 1.0")
     t.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
                    help="response tokens per chunk of head + log-softmax + KL ([chunk, V] fp32 is the peak)")
-    t.add_argument("--eval", default=None, help="JSONL of prompts with answers: accuracy at the end")
-    t.add_argument("--eval-limit", type=int, default=0, help="score only the first N eval rows (0: all)")
-    t.add_argument("--eval-batch-size", type=int, default=64, help="prompts per evaluation generation batch")
-    t.add_argument("--max-new-tokens", type=int, default=160, help="generation budget for evaluation")
+    train.add_eval_args(t, "at the end")
     train.add_train_args(t)
     return p
 

@@ -77,7 +77,7 @@ def align_loss_fn(beta: float, mode: str):
 
 # ---------------------------------------------------------------------------------------- data prep
 
-def teacher_rows(path, fmt_check=True) -> list[dict]:
+def teacher_rows(path) -> list[dict]:
     rows = data.read_teacher(path)
     if not rows:
         train.fail(f"{path}: no usable teacher responses")
@@ -85,27 +85,16 @@ def teacher_rows(path, fmt_check=True) -> list[dict]:
 
 
 def encode_rows(tok, rows, fmt: str, max_len: int) -> tuple[list[train.Seq], int]:
-    """Teacher rows -> masked SFT sequences; plain-text rows ({"text"}) -> every token a target."""
-    seqs, cut = [], 0
-    ids_ = data.special_ids(tok)
-    for r in rows:
-        if "text" in r and "response" not in r:
-            ids = [ids_["bos"]] + tok.encode(r["text"], add_special_tokens=False).ids + [ids_["eos"]]
-            labels = list(ids)
-        else:
-            ids, labels = data.encode_pair(tok, data.messages_of(r), r["response"], fmt)
-        n = len(ids)
-        ids, labels = data.truncate(ids, labels, max_len)
-        cut += len(ids) < n
-        seqs.append(train.Seq(ids, labels))
-    return seqs, cut
+    """data.encode_rows as training sequences: teacher rows masked to the response, {"text"} rows whole."""
+    pairs, cut = data.encode_rows(tok, rows, fmt, max_len)
+    return [train.Seq(ids, labels) for ids, labels in pairs], cut
 
 
 def load_tok_and_format(args):
     src = args.tokenizer or args.init
     try:
         tok = data.load_tokenizer(src)
-    except (OSError, Exception) as e:  # tokenizers raises plain Exceptions for bad files
+    except Exception as e:  # tokenizers raises plain Exceptions for bad files, OSError for missing ones
         train.fail(f"{src}: cannot load a tokenizer ({e}); pass --tokenizer for a named --init size")
     fmt = args.format or (data.guess_format(args.init) if Path(args.init).is_dir() else "plain")
     return tok, fmt
@@ -117,7 +106,9 @@ def cmd_sft(args):
     device = train.pick_device(args.device)
     torch.manual_seed(args.seed)
     tok, fmt = load_tok_and_format(args)
-    rows = data.read_jsonl(args.data) if _is_text_file(args.data) else teacher_rows(args.data)
+    rows = data.read_jsonl(args.data)
+    if not rows or "response" in rows[0] or "text" not in rows[0]:  # teacher rows, not pretraining text
+        rows = teacher_rows(args.data)
     seqs, cut = encode_rows(tok, rows, fmt, args.max_len)
     if cut and train.is_main():
         print(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}", flush=True)
@@ -132,13 +123,6 @@ def cmd_sft(args):
     if finished and args.eval:
         report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
     return 0 if finished else 3
-
-
-def _is_text_file(path) -> bool:
-    """Plain-text pretraining rows carry "text"; teacher rows carry "response"."""
-    for row in data.read_jsonl(path)[:1]:
-        return "text" in row and "response" not in row
-    return False
 
 
 def report_eval(model, tok, fmt, args, out: Path, row: dict):
@@ -388,10 +372,7 @@ def build_parser():
         s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: --init's)")
         s.add_argument("--data", required=True, help="JSONL: teacher rows (prompt/messages + response) or {\"text\"} rows")
         s.add_argument("--format", default=None, help="chat format plain|chatml|llama3 (default: from --init)")
-        s.add_argument("--eval", default=None, help="JSONL of prompts with answers: accuracy after the stage/round")
-        s.add_argument("--eval-limit", type=int, default=0, help="score only the first N eval rows (0: all)")
-        s.add_argument("--eval-batch-size", type=int, default=64, help="prompts per evaluation generation batch")
-        s.add_argument("--max-new-tokens", type=int, default=160, help="generation budget (eval and sampling)")
+        train.add_eval_args(s, "after the stage/round", budget="generation budget (eval and sampling)")
         train.add_train_args(s)
         if name == "align":
             s.add_argument("--rounds", type=int, default=16, help="K alignment rounds over chunks of D_p (paper: 16)")

@@ -396,6 +396,14 @@ def add_train_args(p: argparse.ArgumentParser, lr: float = 1e-5, batch_size: int
     return g
 
 
+def add_eval_args(p, when: str, budget: str = "generation budget for evaluation"):
+    """The evaluation flags of every training script (accuracy by greedy decoding `when`)."""
+    p.add_argument("--eval", default=None, help=f"JSONL of prompts with answers: accuracy {when}")
+    p.add_argument("--eval-limit", type=int, default=0, help="score only the first N eval rows (0: all)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="prompts per evaluation generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=160, help=budget)
+
+
 def batch_fn_for(samples: list[Seq], pad_id: int, device):
     def batch_fn(idx):
         b = data.collate([(samples[i].ids, samples[i].labels) for i in idx], pad_id)
@@ -720,8 +728,7 @@ def top1_agreement(model: Llama, tok, rows: list[dict], fmt: str, max_len: int, 
     next token is the teacher's token (teacher-forced)."""
     was_training = model.training
     model.eval()
-    pairs = [data.encode_pair(tok, data.messages_of(r), r["response"], fmt) for r in rows]
-    pairs = [data.truncate(ids, labels, max_len) for ids, labels in pairs]
+    pairs, _ = data.encode_rows(tok, rows, fmt, max_len)
     pad = data.special_ids(tok)["pad"]
     hit = tot = 0
     with autocast(model.device):
