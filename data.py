@@ -541,16 +541,18 @@ class _Reject(Exception):
 
 class _Steps:
     """The solver's calculator: f(x, op, y, say) computes one step, checks it, records it as
-    (sentence with the equation filled in, equation, value)."""
+    (sentence with the equation filled in, equation, value). With a limit (drawing problems) every value
+    lies in [1, limit], so no answer is a degenerate 0; without (the teacher parsing) any value >= 0."""
 
     def __init__(self, fields: dict, limit: int | None):
         self.fields, self.limit, self.steps = fields, limit, []
+        self.lowest = 0 if limit is None else 1
 
     def __call__(self, x: int, op: str, y: int, say: str) -> int:
         if op == "/" and (y == 0 or x % y):
             raise _Reject
         r = {"+": x + y, "-": x - y, "*": x * y, "/": x // max(y, 1)}[op]
-        if r < 0 or (self.limit is not None and r > self.limit):
+        if r < self.lowest or (self.limit is not None and r > self.limit):
             raise _Reject
         eq = f"{x} {op} {y} = {r}"
         self.steps.append((say.format(e=eq, **self.fields), eq, r))
@@ -746,22 +748,45 @@ def _is_eval(name: str, v: dict, ranges: dict) -> bool:
     return _unit(json.dumps([name] + [v[k] for k in sorted(ranges)])) < EVAL_FRACTION
 
 
-def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
-    """n distinct problems {id, prompt, answer (str of an int), template}, templates drawn uniformly.
-    Train and eval problems never share their arithmetic (see _is_eval); a template whose problems run
-    out leaves the draw."""
+def world_templates(names=None) -> list[tuple]:
+    """The TEMPLATES entries named (a list, or a comma-separated string; None or "all": every one)."""
+    if names is None or names == "all":
+        return list(TEMPLATES)
+    if isinstance(names, str):
+        names = [x.strip() for x in names.split(",") if x.strip()]
+    known = {t[0]: t for t in TEMPLATES}
+    bad = [x for x in names if x not in known]
+    if bad or not names:
+        raise DataError(f"unknown world template(s) {', '.join(bad) or '(none given)'}; "
+                        f"expected names from {', '.join(known)} or 'all'")
+    return [known[x] for x in dict.fromkeys(names)]
+
+
+# The main job's world: the two-step templates, one for each pair of operations. Longer chains (3-4 steps,
+# all 16 templates) are there for harder worlds; measured, a tiny proxy trained from scratch for 1,000 steps
+# on teacher solutions reached 46 % on four two-step templates, 16 % with two three-step ones among five,
+# 8.5 % on all sixteen.
+DEFAULT_TEMPLATES = ("ages_future", "boxes", "money_spend", "share_found", "compare_times")
+
+
+def make_problems(n: int, seed: int, split: str = "train", templates=None) -> list[dict]:
+    """n distinct problems {id, prompt, answer (str of an int), template}, templates (see world_templates)
+    drawn uniformly. Distinct means distinct text: two problems may share their arithmetic in other names
+    and objects, as a small template has only a few hundred number choices. Train and eval problems never
+    share their arithmetic (see _is_eval); a template whose problems run out leaves the draw."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     rng = random.Random(f"world:{split}:{seed}")
-    out, seen, pool = [], set(), list(range(len(TEMPLATES)))
+    chosen = world_templates(templates)
+    out, seen, pool = [], set(), list(range(len(chosen)))
     while len(out) < n:
         if not pool:
             raise ValueError(f"only {len(out)} distinct {split} problems exist; ask for fewer")
         t = rng.choice(pool)
-        name, pattern, ranges, solve = TEMPLATES[t]
+        name, pattern, ranges, solve = chosen[t]
         for _ in range(2000):  # redraw numbers until they fit: every template stays equally likely
             v = _draw_fields(pattern, ranges, rng)
-            key = (name, tuple(v[k] for k in sorted(ranges)))
+            key = pattern.format(**v)
             if key in seen or _is_eval(name, v, ranges) != (split == "eval"):
                 continue
             steps = _Steps(v, MAX_VALUE)
@@ -774,7 +799,7 @@ def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
             pool.remove(t)
             continue
         seen.add(key)
-        prompt = pattern.format(**v)
+        prompt = key
         out.append({"id": f"{split}-{_short_hash(prompt, 12)}", "prompt": prompt,
                     "answer": str(steps.steps[-1][2]), "template": name})
     return out
@@ -845,23 +870,29 @@ def _equation(rng: random.Random) -> str:
     return f"{a} {_WORDS[op]} {b} is {r}"
 
 
-def pretrain_corpus(n: int, seed: int) -> list[str]:
-    """n short plain-text documents for the base models, of two kinds (half each):
-    - lines of equations ("7 + 5 = 12", "3 times 4 is 12") and world statements ("Mia has 6 apples.");
-    - scenes: a situation's statements followed by the facts that follow from them, each with its
-      arithmetic in words ("Max has 3 jars with 12 nuts in each. He eats 6 of the nuts. 3 times 12 is 36,
-      so Max has 36 nuts. 36 minus 6 is 30, so after eating 6, Max has 30 nuts left."), so a base learns
-      to read names and numbers from context and to compute with them, as open LLMs have from their
-      pretraining (measured: without this, an SFT'd tiny proxy copied only 17 % of the prompt's numbers
-      into its solutions correctly, teacher-forced).
-    No questions, no symbolic equations inside sentences, no numbered steps and no "####": how the
-    teacher writes a solution is what the teacher's data teaches. Scenes use train-split arithmetic only."""
+SCENE_SHARE = 0.85  # share of scenes among the corpus documents; the rest are lines of facts
+
+
+def pretrain_corpus(n: int, seed: int, templates=None) -> list[str]:
+    """n short plain-text documents for the base models, of two kinds:
+    - scenes (SCENE_SHARE of them): a situation and its question, then on the next line the facts that
+      answer it, each with its arithmetic in words ("Max has 3 jars with 12 nuts in each. He eats 6 of the
+      nuts. How many nuts does Max have left?\n3 times 12 is 36, so Max has 36 nuts. 36 minus 6 is 30, so
+      after eating 6, Max has 30 nuts left."), so a base learns to read names and numbers from context
+      and to compute with them, as open LLMs learn from worked examples on the web;
+    - lines of equations ("7 + 5 = 12", "3 times 4 is 12") and world statements ("Mia has 6 apples.").
+    Measured on the main job's five templates (tiny proxy, 1,000 steps from scratch): a corpus of scenes
+    only let the base finish 45 % of held-out scenes with every number right; the earlier half-and-half
+    mix with fact lines gave 2 % after 1,875 steps. Fact lines carry no reading-from-context signal.
+    No symbolic equations inside sentences, no numbered steps, no "####": how the teacher writes a
+    solution is what the teacher's data teaches. Scenes use train-split arithmetic only."""
     rng = random.Random(f"corpus:{seed}")
-    statements = [(re.split(r"(?<=\.) ", pattern)[:-1], pattern, ranges) for _, pattern, ranges, _ in TEMPLATES]
+    chosen = world_templates(templates)
+    statements = [(re.split(r"(?<=\.) ", pattern)[:-1], pattern, ranges) for _, pattern, ranges, _ in chosen]
     docs = []
     for _ in range(n):
-        if rng.random() < 0.5:
-            docs.append(_scene(rng))
+        if rng.random() < SCENE_SHARE:
+            docs.append(_scene(rng, chosen))
             continue
         lines = []
         for _ in range(rng.randint(3, 7)):
@@ -875,14 +906,15 @@ def pretrain_corpus(n: int, seed: int) -> list[str]:
     return docs
 
 
-def _scene(rng: random.Random) -> str:
-    return _scene_draw(rng)[2]
+def _scene(rng: random.Random, templates=TEMPLATES) -> str:
+    return _scene_draw(rng, templates)[2]
 
 
-def _scene_draw(rng: random.Random):
-    """(template name, fields, text) of one scene; eval-split arithmetic is redrawn."""
+def _scene_draw(rng: random.Random, templates=TEMPLATES):
+    """(template name, fields, text) of one scene: the situation and the question it raises, a line
+    break, then the facts that answer it with their arithmetic in words. Eval-split arithmetic is redrawn."""
     while True:
-        name, pattern, ranges, solve = rng.choice(TEMPLATES)
+        name, pattern, ranges, solve = rng.choice(templates)
         v = _draw_fields(pattern, ranges, rng)
         if _is_eval(name, v, ranges):
             continue
@@ -891,12 +923,11 @@ def _scene_draw(rng: random.Random):
             solve(steps, **v)
         except _Reject:
             continue
-        situation = " ".join(re.split(r"(?<=\.) ", pattern)[:-1]).format(**v)
         facts = []
         for sentence, eq, r in steps.steps:
             x, op, y, _, _ = eq.split(" ")
             facts.append(f"{x} {_WORDS[op]} {y} is {r}, so {sentence.replace(eq, str(r))}.")
-        return name, v, situation + " " + " ".join(f[0].upper() + f[1:] for f in facts)
+        return name, v, pattern.format(**v) + "\n" + " ".join(f[0].upper() + f[1:] for f in facts)
 
 
 _WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
@@ -904,25 +935,28 @@ _WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
 
 def world_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:
     """The embedded world's tokenizer: BPE on the pretraining corpus plus train problems and teacher
-    solutions in every style (so the solutions' words are tokens too). Eval problems are not used."""
+    solutions in every style (so the solutions' words are tokens too), over every template, so one
+    tokenizer serves any choice of templates. Eval problems are not used."""
     rng = random.Random(seed)
-    texts = pretrain_corpus(2000, seed)
-    for p in make_problems(500, seed, "train"):
+    texts = pretrain_corpus(2000, seed, "all")
+    for p in make_problems(500, seed, "train", "all"):
         texts += [p["prompt"]] + [teacher_solution(p["prompt"], rng, s) for s in STYLES]
     return train_tokenizer(texts, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def write_world(out_dir, n_prompts: int, n_eval: int, n_corpus: int, vocab_size: int, seed: int):
+def write_world(out_dir, n_prompts: int, n_eval: int, n_corpus: int, vocab_size: int, seed: int,
+                templates=None):
     """Everything the main job needs from the world: tokenizer, teacher prompts (the teacher sees only the
     prompt text; "answer" stays here for scoring), held-out eval problems, and the pretraining corpus."""
+    chosen = [t[0] for t in world_templates(templates)]  # unknown names fail before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(world_tokenizer(vocab_size, seed), out, fmt="plain")
-    write_jsonl(out / "prompts.jsonl", make_problems(n_prompts, seed, "train"))
-    write_jsonl(out / "eval.jsonl", make_problems(n_eval, seed, "eval"))
-    write_jsonl(out / "corpus.jsonl", [{"text": t} for t in pretrain_corpus(n_corpus, seed)])
+    write_jsonl(out / "prompts.jsonl", make_problems(n_prompts, seed, "train", chosen))
+    write_jsonl(out / "eval.jsonl", make_problems(n_eval, seed, "eval", chosen))
+    write_jsonl(out / "corpus.jsonl", [{"text": t} for t in pretrain_corpus(n_corpus, seed, chosen)])
 
 
 def write_split(teacher_path, out_dir, seed: int):
@@ -947,6 +981,8 @@ def main(argv=None):
     w.add_argument("--corpus", type=int, default=20000, help="plain-text documents to pretrain the bases on")
     w.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (the world needs ~700)")
     w.add_argument("--seed", type=int, default=0, help="seed of every draw")
+    w.add_argument("--templates", default=",".join(DEFAULT_TEMPLATES),
+                   help="comma-separated template names (see data.TEMPLATES), or 'all'")
     s = sub.add_parser("split", help="split teacher responses 10/45/45 into D_w, D_p, D_s")
     s.add_argument("--data", required=True, help="teacher JSONL (teacher_client.py output)")
     s.add_argument("--out", required=True, help="directory for D_w.jsonl, D_p.jsonl, D_s.jsonl")
@@ -954,7 +990,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.cmd == "world":
-            write_world(args.out, args.prompts, args.eval, args.corpus, args.vocab_size, args.seed)
+            write_world(args.out, args.prompts, args.eval, args.corpus, args.vocab_size, args.seed, args.templates)
             print(f"world: {args.prompts} prompts, {args.eval} eval problems, {args.corpus} corpus documents "
                   f"in {args.out}")
         else:
