@@ -42,10 +42,12 @@ BASES ?= runs/bases
 TEACHER_DIR ?= runs/teacher
 RUN ?= runs/seed$(SEED)
 # The embedded world's sizes (teacher prompts, eval problems, pretraining documents, BPE vocabulary).
-N_PROMPTS ?= 4000
+N_PROMPTS ?= 8000
 N_EVAL ?= 500
 N_CORPUS ?= 30000
 VOCAB ?= 1024
+# which of data.TEMPLATES the world draws from (comma-separated, or all)
+TEMPLATES ?= ages_future,boxes,money_spend,share_found,compare_times
 # Real parts (empty: the embedded ones).
 TEACHER_URL ?=
 TEACHER_MODEL ?= proxykd-teacher
@@ -69,9 +71,9 @@ GAMMA ?= 0.4
 PRETRAIN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 50 --batch-size 16
 PROXY_PRETRAIN_EPOCHS ?= 1
 STUDENT_PRETRAIN_EPOCHS ?= 0.4
-SFT_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 5
-ALIGN_ARGS ?= --lr 5e-4 --batch-size 16
-DISTILL_ARGS ?= --lr 1e-3 --batch-size 16 --epochs 3
+SFT_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 10
+ALIGN_ARGS ?= --lr 2e-4 --lr-schedule cosine --warmup-steps 10 --batch-size 16
+DISTILL_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 3
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
 COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25
@@ -104,7 +106,7 @@ student: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
 world: $(WORLD)/.done
 $(WORLD)/.done: | $(VENV)/.runtime
 	$(PYTHON) data.py world --out $(WORLD) --prompts $(N_PROMPTS) --eval $(N_EVAL) --corpus $(N_CORPUS) \
-	  --vocab-size $(VOCAB) --seed 0
+	  --vocab-size $(VOCAB) --templates $(TEMPLATES) --seed 0
 	touch $@
 
 # The bases, pretrained once on the world's plain text (the proxy larger, as open LLMs are).
