@@ -783,26 +783,35 @@ def make_problems(n: int, seed: int, split: str = "train", templates=None) -> li
         if not pool:
             raise ValueError(f"only {len(out)} distinct {split} problems exist; ask for fewer")
         t = rng.choice(pool)
-        name, pattern, ranges, solve = chosen[t]
+        name, pattern = chosen[t][:2]
         for _ in range(2000):  # redraw numbers until they fit: every template stays equally likely
-            v = _draw_fields(pattern, ranges, rng)
-            key = pattern.format(**v)
-            if key in seen or _is_eval(name, v, ranges) != (split == "eval"):
-                continue
-            steps = _Steps(v, MAX_VALUE)
-            try:
-                solve(steps, **v)
-            except _Reject:
-                continue
-            break
+            drawn = _draw_solved(chosen[t], rng, split)
+            if drawn is not None and pattern.format(**drawn[0]) not in seen:
+                break
         else:  # 2000 draws without a new problem: this template is used up
             pool.remove(t)
             continue
-        seen.add(key)
-        prompt = key
+        v, steps = drawn
+        prompt = pattern.format(**v)
+        seen.add(prompt)
         out.append({"id": f"{split}-{_short_hash(prompt, 12)}", "prompt": prompt,
                     "answer": str(steps.steps[-1][2]), "template": name})
     return out
+
+
+def _draw_solved(template: tuple, rng: random.Random, split: str):
+    """One draw of a template's fields and its solved steps, (fields, _Steps); None where the arithmetic
+    belongs to the other split or breaks a constraint (negative, zero, too large, inexact division)."""
+    name, pattern, ranges, solve = template
+    v = _draw_fields(pattern, ranges, rng)
+    if _is_eval(name, v, ranges) != (split == "eval"):
+        return None
+    steps = _Steps(v, MAX_VALUE)
+    try:
+        solve(steps, **v)
+    except _Reject:
+        return None
+    return v, steps
 
 
 def _parse(text: str):
@@ -914,15 +923,11 @@ def _scene_draw(rng: random.Random, templates=TEMPLATES):
     """(template name, fields, text) of one scene: the situation and the question it raises, a line
     break, then the facts that answer it with their arithmetic in words. Eval-split arithmetic is redrawn."""
     while True:
-        name, pattern, ranges, solve = rng.choice(templates)
-        v = _draw_fields(pattern, ranges, rng)
-        if _is_eval(name, v, ranges):
+        template = rng.choice(templates)
+        drawn = _draw_solved(template, rng, "train")
+        if drawn is None:
             continue
-        steps = _Steps(v, MAX_VALUE)
-        try:
-            solve(steps, **v)
-        except _Reject:
-            continue
+        (name, pattern), (v, steps) = template[:2], drawn
         facts = []
         for sentence, eq, r in steps.steps:
             x, op, y, _, _ = eq.split(" ")
