@@ -40,8 +40,10 @@ def _note(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _short_hash(obj, n: int = 16) -> str:
-    # Canonical JSON: key order and whitespace never change an id.
+def content_hash(obj, n: int = 16) -> str:
+    """The first n hex digits of the sha256 of obj's canonical JSON: key order and whitespace never
+    change it (sorted keys, no spaces); text stays UTF-8, and lone surrogates ("\\ud800" escapes in
+    a JSON file) hash instead of raising."""
     s = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()[:n]
 
@@ -76,17 +78,20 @@ def read_jsonl(path) -> list[dict]:
 
 
 @contextmanager
-def _atomic_writer(path):
-    # Write a temporary file beside the target and rename it over: a kill at any moment leaves either
-    # the old file or the new one, never a torn one.
+def atomic_path(path):
+    """A temporary path beside `path` to write to; on normal exit the file is fsynced and renamed
+    over `path`, on an exception it is removed. A kill at any moment leaves either the old file or
+    the new one, never a torn one (the rename is atomic on one file system)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -94,12 +99,12 @@ def _atomic_writer(path):
 
 
 def atomic_write_text(path, text: str):
-    with _atomic_writer(path) as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
 
 
 def write_jsonl(path, rows):
-    with _atomic_writer(path) as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             try:  # readable UTF-8; lone surrogates (from "\\ud800" escapes) cannot be UTF-8, so escape those rows
                 line = json.dumps(row, ensure_ascii=False)
@@ -119,7 +124,7 @@ def messages_of(row: dict) -> list[dict]:
 def make_id(row: dict) -> str:
     """An id from the prompt's content: the same prompt gets the same id in every file (prompts,
     teacher responses, pairs), so the split keeps all of a prompt's rows in one of D_w, D_p, D_s."""
-    return _short_hash(messages_of(row))
+    return content_hash(messages_of(row))
 
 
 def _check_row(path, n, row: dict, strings=()) -> dict:
@@ -163,7 +168,7 @@ def read_prompts(path) -> list[dict]:
             if isinstance(a, bool) or not isinstance(a, (str, int, float)):
                 raise DataError(f'{path}:{n}: expected "answer" to be a string or a number')
             row["answer"] = str(a)
-        content = _short_hash(row)
+        content = content_hash(row)
         if row["id"] in first:
             line, seen = first[row["id"]]
             if seen != content:
@@ -455,9 +460,10 @@ def encode_rows(tok, rows, fmt: str, max_len: int) -> tuple[list[tuple[list[int]
     return pairs, cut
 
 
-def collate(pairs, pad_id: int) -> dict:
+def collate(pairs, pad_id: int, device=None) -> dict:
     """[(ids, labels)] -> input_ids, labels, attention_mask, each LongTensor[B, T], T the longest in the
-    batch; right padding (pad_id in the ids, IGNORE_INDEX in the labels, 0 in the mask)."""
+    batch; right padding (pad_id in the ids, IGNORE_INDEX in the labels, 0 in the mask). With a device
+    the tensors are moved there (non_blocking: the copy overlaps the host's next work on CUDA)."""
     T = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
@@ -466,7 +472,24 @@ def collate(pairs, pad_id: int) -> dict:
         input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
         mask[b, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if device is not None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """bool[B, T-1]: which shifted positions are response targets. Position t predicts token t+1, so
+    the logits [:, :-1] line up with labels[:, 1:]."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def length_batches(lengths, batch_size: int) -> list[list[int]]:
+    """Sample indices sorted by length (a stable sort: ties keep input order), cut into batches of
+    batch_size: for the passes without gradients (evaluation, sampling, reference log-probs, the proxy
+    cache), where similar lengths mean little padding. Callers put the results back in input order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int = 0, window: int = 50) -> list[list[int]]:
@@ -794,7 +817,7 @@ def make_problems(n: int, seed: int, split: str = "train", templates=None) -> li
         v, steps = drawn
         prompt = pattern.format(**v)
         seen.add(prompt)
-        out.append({"id": f"{split}-{_short_hash(prompt, 12)}", "prompt": prompt,
+        out.append({"id": f"{split}-{content_hash(prompt, 12)}", "prompt": prompt,
                     "answer": str(steps.steps[-1][2]), "template": name})
     return out
 

@@ -53,6 +53,29 @@ def test_write_then_read_roundtrips(tmp_path, rows):
     assert [q.name for q in p.parent.iterdir()] == ["y.jsonl"]  # no temporary left behind
 
 
+def test_atomic_path_replaces_on_success_and_cleans_up_on_error(tmp_path):
+    p = tmp_path / "a" / "f.txt"
+    data.atomic_write_text(p, "old")
+    with pytest.raises(RuntimeError):
+        with data.atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError
+    assert p.read_text() == "old" and [q.name for q in p.parent.iterdir()] == ["f.txt"]
+    with data.atomic_path(p) as tmp:
+        assert tmp.parent == p.parent and tmp != p
+        tmp.write_text("new")
+        assert p.read_text() == "old"  # nothing visible until the block ends
+    assert p.read_text() == "new" and [q.name for q in p.parent.iterdir()] == ["f.txt"]
+
+
+def test_content_hash_is_canonical_and_fixed():
+    assert data.content_hash({"b": 1, "a": "é"}) == data.content_hash({"a": "é", "b": 1})
+    assert data.content_hash({"a": 1}) != data.content_hash({"a": 2})
+    # Persisted ids are made with it: its bytes must never change.
+    assert data.content_hash([{"role": "user", "content": "2+2?"}]) == "ed60fcb984823fb0"
+    assert len(data.content_hash("x", 12)) == 12 and len(data.content_hash("\ud800 lone", 64)) == 64
+
+
 def test_separators_inside_strings_do_not_split_records(tmp_path):
     rows = [{"prompt": "a\u2028b\u0085c\u2029d\x1ce"}, {"prompt": "\ud800 lone surrogate"}]
     p = tmp_path / "z.jsonl"
@@ -301,6 +324,19 @@ def test_collate_right_pads():
     assert b["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(v.dtype == torch.long for v in b.values())
+
+
+def test_collate_moves_to_a_device_and_response_mask_shifts():
+    b = data.collate([([1, 2, 3], [IGNORE_INDEX, 2, 3]), ([4], [4])], pad_id=0, device="cpu")
+    assert all(v.device.type == "cpu" for v in b.values())
+    assert data.response_mask(b["labels"]).tolist() == [[True, True], [False, False]]
+
+
+def test_length_batches_sort_by_length_and_cover_every_index():
+    lengths = [5, 1, 3, 1, 9, 2, 3]
+    batches = data.length_batches(lengths, 3)
+    assert batches == [[1, 3, 5], [2, 6, 0], [4]]  # stable: equal lengths keep input order
+    assert data.length_batches([], 4) == []
 
 
 def test_batch_order_deterministic_complete_and_length_grouped():
