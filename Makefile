@@ -46,7 +46,7 @@ N_PROMPTS ?= 8000
 N_EVAL ?= 500
 N_CORPUS ?= 30000
 VOCAB ?= 1024
-# which of data.TEMPLATES the world draws from (comma-separated, or all)
+# which of world.TEMPLATES the world draws from (comma-separated, or all)
 TEMPLATES ?= ages_future,boxes,money_spend,share_found,compare_times
 # Real parts (empty: the embedded ones).
 TEACHER_URL ?=
@@ -105,7 +105,7 @@ student: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
 # The embedded world: tokenizer, teacher prompts, eval problems, pretraining corpus.
 world: $(WORLD)/.done
 $(WORLD)/.done: | $(VENV)/.runtime
-	$(PYTHON) data.py world --out $(WORLD) --prompts $(N_PROMPTS) --eval $(N_EVAL) --corpus $(N_CORPUS) \
+	$(PYTHON) world.py --out $(WORLD) --prompts $(N_PROMPTS) --eval $(N_EVAL) --corpus $(N_CORPUS) \
 	  --vocab-size $(VOCAB) --templates $(TEMPLATES) --seed 0
 	touch $@
 

@@ -4,7 +4,7 @@
     python teacher_server.py --port 8000 --rate-429 0.1 --rate-500 0.05 --rate-reset 0.02
 
 It stands in for the API model of the paper: text in, text out, nothing else visible. It solves
-the embedded world's arithmetic problem found in the prompt (data.teacher_solution) and writes
+the embedded world's arithmetic problem found in the prompt (world.teacher_solution) and writes
 the solution in one of several phrasings, drawn like an LLM sampling: the request's temperature
 sets how often it leaves the first (greedy) phrasing, and a request `seed` makes the draw
 reproducible. A prompt it cannot parse gets an honest "I cannot solve this" answer.
@@ -113,8 +113,8 @@ def sampler(temperature, seed, messages, index=0):
 
 
 def _default_solver(text, rng):
-    import data  # lazily: the world lives in data.py, and --help must work without it
-    return data.teacher_solution(text, rng)
+    import world  # lazily: --help must work without the world's dependencies
+    return world.teacher_solution(text, rng)
 
 
 class TeacherServer(ThreadingHTTPServer):

@@ -1,9 +1,7 @@
-"""data.py: JSONL reading, the split, tokenizer and chat formats, masks, batching, scoring, the world."""
+"""data.py: JSONL reading and atomic writes, the split, tokenizer and chat formats, masks, batching, scoring."""
 import json
 import random
-import re
 import time
-from collections import Counter
 
 import pytest
 import torch
@@ -11,14 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+import world
 from data import IGNORE_INDEX, DataError
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return data.world_tokenizer(1024, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- JSONL
@@ -190,7 +184,7 @@ def test_split_stable_disjoint_covering_and_proportional():
 
 def test_tokenizer_trains_fast_and_splits_digits(tok):
     t = time.perf_counter()
-    data.world_tokenizer(1024, seed=1)
+    world.world_tokenizer(1024, seed=1)
     assert time.perf_counter() - t < 3.0
     assert 500 < tok.get_vocab_size() <= 1024
     assert all(tok.token_to_id(s) is not None for s in data.SPECIALS)
@@ -381,111 +375,3 @@ def test_is_correct():
     assert not data.is_correct("#### 18\nor 19", "19")  # the #### line wins over later numbers
     assert not data.is_correct("#### 17", "18") and not data.is_correct("no answer", "18")
     assert not data.is_correct("#### 18", None) and not data.is_correct("18", "")
-
-
-# ------------------------------------------------------------------------------------------- world
-
-@pytest.fixture(scope="module")
-def train_eval():
-    return data.make_problems(2000, seed=0), data.make_problems(400, seed=0, split="eval")
-
-
-def test_world_sets_deterministic_distinct_and_disjoint(train_eval):
-    train, ev = train_eval
-    assert data.make_problems(50, seed=0) == train[:50]
-    assert data.make_problems(50, seed=1) != train[:50]
-    for rows in train_eval:
-        assert len({r["id"] for r in rows}) == len({r["prompt"] for r in rows}) == len(rows)
-    # Never a shared problem, not even in other words: compare the arithmetic (template and numbers),
-    # here across other seeds too.
-    arith = lambda rows: {(r["template"], data._parse(r["prompt"])[-1][1],
-                           tuple(int(x) for x in re.findall(r"\d+", r["prompt"]))) for r in rows}
-    other_train = data.make_problems(2000, seed=7)
-    assert not arith(train + other_train) & arith(ev + data.make_problems(300, seed=5, split="eval"))
-    assert set(Counter(r["template"] for r in train)) == {t[0] for t in data.TEMPLATES}
-    assert len(data.TEMPLATES) >= 6
-
-
-def test_world_numbers_are_small(train_eval, tok):
-    for r in train_eval[0] + train_eval[1]:
-        steps = data._parse(r["prompt"])
-        assert 2 <= len(steps) <= 4
-        assert all(1 <= v <= data.MAX_VALUE for _, _, v in steps)  # no degenerate 0
-        assert len(tok.encode(r["prompt"]).ids) <= 60
-
-
-def test_teacher_solution_is_right_in_every_style(train_eval):
-    rng = random.Random(0)
-    for r in train_eval[0][:600] + train_eval[1]:
-        assert data.solve(r["prompt"]) == int(r["answer"])
-        for style in data.STYLES:
-            text = data.teacher_solution(r["prompt"], rng, style)
-            assert text.endswith(f"\n#### {r['answer']}") and data.is_correct(text, r["answer"]), text
-    drawn = Counter(data.teacher_solution(train_eval[0][0]["prompt"], rng).split("\n")[0][:2] for _ in range(60))
-    assert len(drawn) == 3  # the teacher samples its phrasing
-
-
-def test_teacher_reads_text_not_templates():
-    # Hand-written prompts (other names, objects, spacing) and hand-computed answers.
-    cases = [("Kim has 7 plums. She buys 2 crates of 6 plums. She gives 4 plums to Al. "
-              "How many plums does Kim have now?", 15),
-             ("Dan is 9 years old.  Eve is 3 years older than Dan.\nHow old will Eve be in 10 years?", 22),
-             ("Al has 300 dollars. He buys 4 lamps for 25 dollars each. How many dollars does Al have left?", 200),
-             ("A van travels 15 miles each hour. It travels for 2 hours in the morning and 3 hours in the "
-              "afternoon. How many miles does the van travel in total?", 75),
-             ("Bo has 3 bags with 5 nuts in each. He eats 3 of the nuts. He shares the rest equally among "
-              "4 friends. How many nuts does each friend get?", 3)]
-    for prompt, answer in cases:
-        assert data.solve(prompt) == answer
-        assert data.is_correct(data.teacher_solution(prompt, random.Random(1)), answer)
-    assert data.solve("Bo has 3 bags with 5 nuts in each. He eats 2 of the nuts. He shares the rest "
-                      "equally among 4 friends. How many nuts does each friend get?") is None  # 13 / 4
-    assert data.teacher_solution("What is the capital of France?", random.Random(0)) is None
-
-
-def test_pretrain_corpus_is_plain_text_not_solutions():
-    docs = data.pretrain_corpus(300, seed=0)
-    assert docs == data.pretrain_corpus(300, seed=0) and docs != data.pretrain_corpus(300, seed=1)
-    scenes = [d for d in docs if ", so " in d]
-    facts = [d for d in docs if ", so " not in d]
-    lines = [line for d in facts for line in d.split("\n")]
-    assert not any("####" in d or "answer" in d for d in docs) and not any("?" in line for line in lines)
-    eqs = [line for line in lines if " = " in line]
-    assert len(eqs) > 30
-    for line in eqs:
-        lhs, rhs = line.split(" = ")  # equations stand alone, never inside a sentence
-        assert eval(lhs.replace("/", "//")) == int(rhs)  # noqa: S307 (our own generated digits)
-    assert any(" has " in line for line in lines) and any(" times " in line for line in lines)
-    # Scenes: a situation and its question, a line break, then the facts that answer it in sentences,
-    # arithmetic in words, never in symbols; the last fact's number is the problem's answer.
-    assert len(scenes) > 0.75 * len(docs)
-    for s in scenes:
-        problem, worked = s.split("\n")
-        assert problem.endswith("?") and "?" not in worked and worked.count(", so ") >= 2
-        assert data.solve(problem) == int(re.findall(r"\d+", worked)[-1])
-        assert not re.search(r"\d [-+*/=] \d", worked) and not re.match(r"\d+\.", worked)
-    rng = random.Random(0)  # every scene's arithmetic is from the train split, never eval
-    for _ in range(300):
-        name, v, _text = data._scene_draw(rng)
-        ranges = next(r for n, _, r, _ in data.TEMPLATES if n == name)
-        assert not data._is_eval(name, v, ranges)
-
-
-def test_world_template_choice(tmp_path, capsys):
-    rows = data.make_problems(300, seed=0, templates="share_found")
-    # 300 distinct texts from a template with fewer number choices: arithmetic repeats in other words
-    assert len({r["prompt"] for r in rows}) == 300 and {r["template"] for r in rows} == {"share_found"}
-    assert len({tuple(re.findall(r"\d+", r["prompt"])) for r in rows}) < 100
-    ev = data.make_problems(50, seed=0, split="eval", templates=["share_found", "boxes"])
-    assert {r["template"] for r in ev} == {"share_found", "boxes"}
-    assert all(data.solve(r["prompt"]) == int(r["answer"]) for r in rows + ev)
-    rng = random.Random(0)
-    assert {data._scene_draw(rng, data.world_templates("boxes"))[0] for _ in range(20)} == {"boxes"}
-    assert [t[0] for t in data.world_templates(None)] == [t[0] for t in data.TEMPLATES] == \
-        [t[0] for t in data.world_templates("all")]
-    assert set(data.DEFAULT_TEMPLATES) <= {t[0] for t in data.TEMPLATES}
-    with pytest.raises(data.DataError, match="unknown world template.*nope"):
-        data.world_templates("boxes,nope")
-    # the CLI refuses an unknown name in one line before writing anything
-    assert data.main(["world", "--out", str(tmp_path / "w"), "--templates", "boxes,nope"]) == 2
-    assert "nope" in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import data
 import distill
 import proxy_align
+import world as embedded
 from model import Config, Llama, token_logprobs
 from conftest import write_world
 
@@ -177,7 +178,7 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("distill_world")
     tok, rows = write_world(d, 40)
     data.write_jsonl(d / "D_s.jsonl", rows)
-    data.write_jsonl(d / "eval.jsonl", data.make_problems(4, seed=0, split="eval"))
+    data.write_jsonl(d / "eval.jsonl", embedded.make_problems(4, seed=0, split="eval"))
     ids = data.special_ids(tok)
     cfg = Config.preset("toy", tok.get_vocab_size(), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                         pad_token_id=ids["pad"], hidden_size=48, intermediate_size=96)
@@ -345,7 +346,7 @@ def test_refusals(world, cache_dir, tmp_path, capsys):
     assert "--max-len 1024" in capsys.readouterr().err
     # A student tokenizer of another size: both sizes named.
     other = tmp_path / "tok"
-    tok2 = data.world_tokenizer(vocab_size=350, seed=0)
+    tok2 = embedded.world_tokenizer(vocab_size=350, seed=0)
     data.save_tokenizer(tok2, other)
     with pytest.raises(SystemExit):
         run(*train_args(world, tmp_path / "x", "proxykd", "--cache", cache_dir, "--tokenizer", other))

@@ -8,6 +8,7 @@ import torch
 import data
 import proxy_align
 import train
+import world as embedded  # `world` is this file's fixture
 from model import Llama
 from conftest import write_world
 
@@ -67,7 +68,7 @@ def world(tmp_path_factory):
     data.write_jsonl(d / "teacher.jsonl", rows)
     data.write_jsonl(d / "small.jsonl", rows[:48])
     data.write_jsonl(d / "heldout.jsonl", rows[200:])
-    data.write_jsonl(d / "eval.jsonl", data.make_problems(16, seed=0, split="eval"))
+    data.write_jsonl(d / "eval.jsonl", embedded.make_problems(16, seed=0, split="eval"))
     return d
 
 

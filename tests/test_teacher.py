@@ -460,8 +460,9 @@ def test_a_complete_last_line_without_newline_is_kept(serve, tmp_path):
 
 def test_the_embedded_world_end_to_end(serve, tmp_path):
     import data
-    srv, url = serve(solver=None)  # the real teacher: data.teacher_solution
-    problems = data.make_problems(24, seed=0, split="eval")
+    import world
+    srv, url = serve(solver=None)  # the real teacher: world.teacher_solution
+    problems = world.make_problems(24, seed=0, split="eval")
     rows = problems + [{"id": "nonsense", "prompt": "Write a poem about the sea."}]
     prompts, out = tmp_path / "p.jsonl", str(tmp_path / "t.jsonl")
     data.write_jsonl(prompts, rows)
