@@ -6,7 +6,7 @@
 Sections (each measures ours and its peer on the same inputs, after warm-up):
     train   one optimizer step (forward, backward, clip, AdamW, zero_grad): train.nll_loss_fn on our Llama
             against transformers.LlamaForCausalLM (SDPA) with its `labels=` loss; eager, and compiled on CUDA.
-    decode  greedy, batch 1 and 64: model.generate against LlamaForCausalLM.generate; both must produce the
+    decode  greedy, batch 1 and 64: generate.generate against LlamaForCausalLM.generate; both must produce the
             same tokens in fp32 (a correctness guard: a fast wrong decoder is no result).
     kdloss  the distillation loss of distill.py (chunked head, top-k and full-vocabulary KL) against the
             naive loss that builds [B, T, V] fp32 logits: peak memory and time of forward + backward.
@@ -37,7 +37,8 @@ import data
 import distill
 import proxy_align
 import train
-from model import Config, Llama, generate
+from generate import generate
+from model import Config, Llama
 
 # --size -> (model.PRESETS name, vocabulary). Random init, no tokenizer needed: every section feeds ids.
 SIZES = {"llama-3.2-1b": ("llama-3.2-1b", 128256), "tiny": ("tiny-student", 4096)}

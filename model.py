@@ -1,24 +1,26 @@
-"""The Llama architecture, written out: leaves to root, then loading, saving, LoRA and generation.
+"""The Llama architecture, written out: leaves to root, then loading, saving, LoRA and per-token log-probs
+(generation, with its KV cache, is generate.py).
 
 Module and parameter names follow the Hugging Face checkpoint layout (`model.layers.{i}.self_attn.q_proj`,
 `mlp.gate_proj`, ...) and RoPE uses HF's half-split rotation, so a checkpoint loads with a plain
 key-for-key loop: no renaming, no q/k permutation. `transformers` is never imported here; the tests
 prove parity against it.
 
-Shapes: B batch, T tokens in this call, L tokens in the cache (past + this call), H query heads,
+Shapes: B batch, T tokens in this call, L keys (T, or the KV cache's slots), H query heads,
 KV key/value heads, D head_dim, C hidden size, V vocabulary.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 
 class CheckpointError(ValueError):
@@ -75,42 +77,6 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class KVCache:
-    """Keys and values of every layer for a batch being generated; a plain object, not module state, so
-    the same model stays trainable (and usable as a DPO reference) while something else generates.
-
-    Tensors are allocated once, [B, KV, max_len, D] per layer, in the dtype of the first keys written
-    (bf16 under autocast). `length` is how many positions are filled; `forward` writes the next T.
-    """
-
-    def __init__(self, n_layers: int, max_len: int):
-        self.max_len = max_len
-        self.length = 0
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None):
-        B, KV, T, D = k.shape
-        start = self.length
-        if slots is not None:
-            # Static shapes (a compiled / CUDA-graphed decode step): write at tensor slot indices [T] and
-            # return the whole buffers; the caller's mask hides the slots not yet written.
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
-            return self.k[layer], self.v[layer]
-        if start + T > self.max_len:
-            raise ValueError(f"KVCache: {start} + {T} positions exceed max_len {self.max_len}")
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(B, KV, self.max_len, D)
-            self.v[layer] = v.new_zeros(B, KV, self.max_len, D)
-            if hasattr(torch, "_dynamo"):  # fixed addresses: CUDA graphs may then write them in place
-                torch._dynamo.mark_static_address(self.k[layer])
-                torch._dynamo.mark_static_address(self.v[layer])
-        self.k[layer][:, :, start:start + T] = k
-        self.v[layer][:, :, start:start + T] = v
-        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
-
-
 # ---------------------------------------------------------------------------------------- attention
 
 class Attention(nn.Module):
@@ -124,14 +90,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots=None):
+    def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, slots)  # [B, KV, L, D]
+            k, v = cache.update(self.layer, k, v)  # [B, KV, L, D]
         # GQA: each group of H/KV query heads reads one key/value head. enable_gqa needs torch>=2.5,
         # and repeat_interleave costs little next to the matmuls at these sizes, so it is done by hand.
         if self.n_kv != self.n_heads:
@@ -164,8 +130,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -316,6 +282,34 @@ PRESETS = {
 
 # -------------------------------------------------------------------------------------------- model
 
+def positions_and_mask(input_ids, attention_mask, position_ids, cache):
+    """RoPE positions [B, T] (unless given) and the one attention mask every layer shares, of three kinds:
+
+    - None: no cache and nothing padded, so SDPA takes its fused causal path;
+    - causal over key index [1, 1, T, L]: a cache without padding; each query sits at its cache slot, so
+      the slots not yet written (later ones) are never read; L is the cache's n_keys;
+    - causal and padded keys masked out [B, 1, T, L]. A query always sees itself, so a padding row never
+      softmaxes over nothing (no NaN).
+    """
+    B, T = input_ids.shape
+    if cache is None and attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    q_idx = cache.pos if cache is not None else torch.arange(T, device=input_ids.device)  # [T] key index
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_idx]
+        else:
+            position_ids = q_idx.expand(B, T)
+    if cache is None and attention_mask is None:
+        return position_ids, None
+    L = cache.n_keys if cache is not None else T
+    k_idx = torch.arange(L, device=input_ids.device)[None, :]
+    mask = (k_idx <= q_idx[:, None])[None, None]
+    if attention_mask is not None:
+        mask = (mask & attention_mask[:, None, None, :L].bool()) | (k_idx == q_idx[:, None])[None, None]
+    return position_ids, mask
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -330,7 +324,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def init_weights(self, seed: int | None = None, std: float = 0.02):
+    def init_weights(self, seed: int | None = None):
         """Random init for pretraining from scratch: N(0, 0.02) like HF's initializer_range."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
@@ -340,48 +334,22 @@ class Llama(nn.Module):
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         return self
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                return_hidden: bool = False, slots: torch.Tensor | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden: bool = False):
         """input_ids [B, T] -> logits [B, T, V] (or the final-normed hidden [B, T, C] with return_hidden,
         so a loss can apply lm_head chunk by chunk and never hold [B, T, V] in fp32).
 
-        attention_mask [B, L] (1 = real token) covers every key: the cached past and this call. Padding may
-        be on either side; without position_ids, each row counts positions from its first real token.
-        """
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and cache is None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: take SDPA's fused causal path
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = None
-        if slots is not None:
-            # Static decode step: the T new tokens go to cache slots `slots` [T]; keys are all max_len slots,
-            # attention_mask [B, max_len] marks the written real ones (and position_ids must be given).
-            q_idx, k_idx = slots[:, None], torch.arange(cache.max_len, device=input_ids.device)[None, :]
-            mask = ((k_idx <= q_idx)[None, None] & attention_mask[:, None, None, :].bool()) | (k_idx == q_idx)[None, None]
-        elif attention_mask is not None or past > 0:
-            # One boolean mask [B, 1, T, L] for all layers: causal over absolute index, keys padded out.
-            # Each query may always see itself, so a padding row never softmaxes over nothing (no NaN).
-            L = past + T
-            q_idx = torch.arange(past, L, device=input_ids.device)[:, None]
-            k_idx = torch.arange(L, device=input_ids.device)[None, :]
-            mask = (k_idx <= q_idx)[None, None]
-            if attention_mask is not None:
-                mask = (mask & attention_mask[:, None, None, :L].bool()) | (k_idx == q_idx)[None, None]
+        attention_mask [B, L] (1 = real token) covers every key: this call's T tokens, or with a cache
+        (a generate.KVCache, `at` the slots this call writes) all its slots. Padding may be on either side;
+        without position_ids, each row counts positions from its first real token."""
+        position_ids, mask = positions_and_mask(input_ids, attention_mask, position_ids, cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if not torch.is_autocast_enabled()
                                 else torch.get_autocast_dtype(x.device.type))
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache, slots)
-        if cache is not None and slots is None:
-            cache.length += T
+            x = block(x, cos, sin, mask, cache)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
@@ -389,9 +357,8 @@ class Llama(nn.Module):
     def device(self):
         return self.model.embed_tokens.weight.device
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
-        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
     # ------------------------------------------------------------------------------ save and load
 
@@ -418,19 +385,21 @@ class Llama(nn.Module):
             shards.append(cur)
         dtype = next(iter(sd.values())).dtype
         cfg = {**self.cfg.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+        data.atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
         if len(shards) == 1:
-            _atomic(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+            with data.atomic_path(path / "model.safetensors") as tmp:
+                save_file(sd, str(tmp), metadata={"format": "pt"})
             (path / "model.safetensors.index.json").unlink(missing_ok=True)
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(path / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            with data.atomic_path(path / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in sd.values())
-        _atomic_write_text(path / "model.safetensors.index.json",
-                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        data.atomic_write_text(path / "model.safetensors.index.json",
+                               json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (path / "model.safetensors").unlink(missing_ok=True)
 
     @classmethod
@@ -497,18 +466,6 @@ def read_safetensors_dir(path: Path, device=None) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str):
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
 # --------------------------------------------------------------------------------------------- LoRA
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -519,7 +476,7 @@ class LoRALinear(nn.Linear):
     name (`...q_proj.weight`); the adapters add `lora_A` [r, in] and `lora_B` [out, r] (B starts at 0, so
     the wrapped model starts as the base exactly)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, adapter_dtype=torch.float32):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -527,9 +484,10 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.scale = alpha / rank
+        # fp32 adapters whatever the base dtype: they are the only weights the optimizer updates.
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=adapter_dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=adapter_dtype))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the LoRA paper's / peft's init
 
     def forward(self, x):
@@ -570,7 +528,7 @@ def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     return sd
 
 
-# ------------------------------------------------------------------------------- log-probs, sampling
+# ---------------------------------------------------------------------------------------- log-probs
 
 def token_logprobs(model: Llama, input_ids, attention_mask=None, mask=None, chunk_tokens: int = 4096):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t < T-1 -> [B, T-1] fp32.
@@ -602,79 +560,3 @@ def chunked_head_logprobs(weight, h, targets):
         from torch.utils.checkpoint import checkpoint
         return checkpoint(_head_logprobs, weight, h, targets, use_reentrant=False)
     return _head_logprobs(weight, h, targets)
-
-
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays in).
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _decode_step(model, compile: bool):
-    """model's one-token decode step. Its shapes are static and the cache buffers keep their addresses, so
-    compiled it is one graph for every step, replayed as a CUDA graph on CUDA (one kernel launch a step
-    instead of hundreds of Python-issued ones: what batch-1 decoding is bound by)."""
-    def step(tok, mask, pos, cache, slots):
-        return model(tok, attention_mask=mask, position_ids=pos, cache=cache, slots=slots)[:, -1]
-    if not compile:
-        return step
-    return torch.compile(step, mode="reduce-overhead" if model.device.type == "cuda" else None, fullgraph=True)
-
-
-@torch.no_grad()
-def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id=None, seed: int | None = None, pad_id: int = 0,
-             compile: bool = False) -> list[list[int]]:
-    """Batched generation with a KV cache: prompts (lists of ids, any lengths) are left-padded, the prefix
-    runs once, then one token per step. Returns each prompt's new tokens, cut before its first eos.
-    eos_id: an id, a list of ids, or None (the config's eos ids). Same seed, same samples."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
-    device = model.device
-    eos = model.cfg.eos_ids if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    eos_t = torch.tensor(eos or [-1], device=device)
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, device=device)
-        mask[i, P - len(p):] = 1
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    L = P + max_new_tokens
-    cache = KVCache(model.cfg.num_hidden_layers, L)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
-    pos = mask.sum(-1, keepdim=True) - 1  # [B, 1] position of each row's last real token
-    # Decode steps have static shapes (one token, all L cache slots, the mask over L), so one compiled
-    # graph / CUDA graph serves every step; the mask's future slots are 0 until written.
-    full = torch.zeros((B, L), dtype=mask.dtype, device=device)
-    full[:, :P] = mask
-    step = _decode_step(model, compile)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)
-        nxt = nxt.masked_fill(done, pad_id)
-        out.append(nxt)
-        if len(out) == max_new_tokens:
-            break
-        if eos:  # without eos ids nothing can stop early: no per-step host sync
-            done |= torch.isin(nxt, eos_t)
-            if (i + 1) % 8 == 0 and bool(done.all()):  # a sync every 8 tokens, not every token
-                break
-        full[:, P + i] = 1
-        pos = pos + 1
-        logits = step(nxt[:, None], full, pos, cache, torch.tensor([P + i], device=device))
-    toks = torch.stack(out, 1).tolist()
-    result = []
-    for row in toks:
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        result.append(row[:cut])
-    return result

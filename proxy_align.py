@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import data
 import train
-from model import CheckpointError, generate, token_logprobs
+from generate import generate
+from model import CheckpointError, token_logprobs
 
 
 # ------------------------------------------------------------------------------------------ losses

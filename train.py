@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from model import (PRESETS, CheckpointError, Config, Llama, LoRALinear, apply_lora, generate, lora_state_dict,
-                   rope_inv_freq, token_logprobs)
+from generate import generate
+from model import (PRESETS, CheckpointError, Config, Llama, LoRALinear, apply_lora, lora_state_dict, rope_inv_freq,
+                   token_logprobs)
 
 
 # ------------------------------------------------------------------------------------ device, model

@@ -1,40 +1,14 @@
 """model.py against the independent reference, transformers.LlamaForCausalLM, on tiny random models (CPU, fp32)."""
-import copy
 import json
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
-from model import (Config, CheckpointError, KVCache, Llama, LoRALinear, apply_lora, generate,  # noqa: E402
-                   lora_state_dict, sample_next, token_logprobs)
-
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-CONFIGS = {
-    # Llama-2-like: multi-head attention, untied head, default RoPE.
-    "llama2_mha": dict(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, rms_norm_eps=1e-5),
-    # Llama-3-like: GQA, llama3 RoPE scaling (positions past 32 exercise it), tied embeddings.
-    "llama3_gqa": dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                       rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
-    # Odd shape: head_dim (24) is not hidden/heads (16), untied, odd vocab.
-    "odd_head_dim": dict(vocab_size=53, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
-}
-
-
-def hf_model(name, tmp_path, init=0.02, seed=0):
-    torch.manual_seed(seed)
-    # deepcopy: LlamaConfig rewrites the rope dict it is given in place.
-    hf = LlamaForCausalLM(LlamaConfig(max_position_embeddings=256, initializer_range=init,
-                                      **copy.deepcopy(CONFIGS[name]))).eval()
-    d = tmp_path / f"hf_{name}"
-    hf.save_pretrained(d)
-    return hf, d
+from conftest import HF_CONFIGS as CONFIGS, LLAMA3_ROPE, hf_model  # noqa: E402
+from model import Config, CheckpointError, Llama, LoRALinear, apply_lora, lora_state_dict, token_logprobs  # noqa: E402
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -52,59 +26,6 @@ def test_logits_match_transformers(name, tmp_path):
         got = ours(x, attention_mask=mask)
         real = mask.bool()
         torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("name", ["llama3_gqa", "odd_head_dim"])
-def test_greedy_generate_matches_transformers(name, tmp_path):
-    hf, d = hf_model(name, tmp_path, init=0.3)  # a larger init so greedy paths differ between prompts
-    ours = Llama.from_pretrained(d).eval()
-    V = CONFIGS[name]["vocab_size"]
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (7, 2, 12, 5)]
-    got = generate(ours, prompts, max_new_tokens=24, eos_id=[])
-    P = max(map(len, prompts))
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
-                      eos_token_id=None, min_new_tokens=24)[:, P:].tolist()
-    assert got == ref
-    assert len({tuple(r) for r in got}) > 1
-
-
-def test_generate_stops_at_eos_and_is_reproducible(tmp_path):
-    _, d = hf_model("llama3_gqa", tmp_path, init=0.3)
-    m = Llama.from_pretrained(d).eval()
-    prompts = [[5, 6, 7], [8, 9], [10]]
-    full = generate(m, prompts, max_new_tokens=16, eos_id=[])
-    eos = full[0][3]
-    cut = generate(m, prompts, max_new_tokens=16, eos_id=eos)
-    for f, c in zip(full, cut):
-        stop = f.index(eos) if eos in f else len(f)
-        assert c == f[:stop]
-    a = generate(m, prompts, 16, temperature=1.0, top_p=0.8, seed=3, eos_id=[])
-    b = generate(m, prompts, 16, temperature=1.0, top_p=0.8, seed=3, eos_id=[])
-    c = generate(m, prompts, 16, temperature=1.0, top_p=0.8, seed=4, eos_id=[])
-    assert a == b and a != c
-    # top_p tiny keeps only the most likely token: sampling becomes greedy.
-    assert generate(m, prompts, 16, temperature=1.0, top_p=1e-6, seed=5, eos_id=[]) == full
-
-
-def test_top_p_keeps_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
-    assert draws == {0, 1}  # 0.5 < 0.7 so the token crossing it (0.3) is kept, the rest dropped
-
-
-def test_kv_cache_decode_equals_full_forward(tmp_path):
-    _, d = hf_model("llama3_gqa", tmp_path)
-    m = Llama.from_pretrained(d).eval()
-    x = torch.randint(0, 97, (2, 40))
-    with torch.no_grad():
-        full = m(x)
-        cache = KVCache(m.cfg.num_hidden_layers, 40)
-        parts = [m(x[:, :25], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(25, 40)]
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama3_gqa", "llama2_mha"])
@@ -251,11 +172,3 @@ def test_token_logprobs_mask_scores_only_the_selected_positions(tmp_path):
         full = token_logprobs(m, x)
         part = token_logprobs(m, x, mask=mask, chunk_tokens=5)
     torch.testing.assert_close(part, full * mask, atol=1e-6, rtol=0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, CUDA-graphed decode step needs a GPU")
-def test_compiled_decode_matches_eager_on_cuda(tmp_path):
-    _, d = hf_model("llama3_gqa", tmp_path, init=0.3)
-    m = Llama.from_pretrained(d, device="cuda").eval()
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    assert generate(m, prompts, 20, eos_id=[], compile=True) == generate(m, prompts, 20, eos_id=[])
