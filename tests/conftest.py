@@ -1,5 +1,6 @@
 """One intra-op thread per test process: the suite's models are tiny, and on a 2-core machine shared with
 other work, oversubscribed OpenMP threads make them 10-100x slower, not faster."""
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -11,11 +12,12 @@ def write_world(d, n_rows: int, vocab_size: int = 400):
     import random
 
     import data
-    tok = data.world_tokenizer(vocab_size=vocab_size, seed=0)
+    import world
+    tok = world.world_tokenizer(vocab_size=vocab_size, seed=0)
     data.save_tokenizer(tok, d)
     rng = random.Random(0)
-    rows = [{**p, "response": data.teacher_solution(p["prompt"], rng), "finish_reason": "stop"}
-            for p in data.make_problems(n_rows, seed=0)]
+    rows = [{**p, "response": world.teacher_solution(p["prompt"], rng), "finish_reason": "stop"}
+            for p in world.make_problems(n_rows, seed=0)]
     return tok, rows
 
 
@@ -48,3 +50,10 @@ def hf_model(name, tmp_path, init=0.02, seed=0):
     d = tmp_path / f"hf_{name}"
     hf.save_pretrained(d)
     return hf, d
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The embedded world's tokenizer (1,024 tokens, seed 0), trained once for the whole run."""
+    import world
+    return world.world_tokenizer(1024, seed=0)
