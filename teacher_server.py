@@ -7,19 +7,22 @@ It stands in for the API model of the paper: text in, text out, nothing else vis
 the embedded world's arithmetic problem found in the prompt (world.teacher_solution) and writes
 the solution in one of several phrasings, drawn like an LLM sampling: the request's temperature
 sets how often it leaves the first (greedy) phrasing, and a request `seed` makes the draw
-reproducible. A prompt it cannot parse gets an honest "I cannot solve this" answer.
+reproducible. With --slip-rate P a sampled answer makes one arithmetic slip with probability P
+(a wrong final answer, as a real teacher sometimes gives). A prompt it cannot parse gets an
+honest "I cannot solve this" answer.
 
 Routes: POST /v1/chat/completions, GET /v1/models, and GET /stats (request counts per distinct
 body, so tests can prove "one request per distinct request" and "zero requests on a rerun").
 
-Faults, drawn per request with --fault-seed, let tests and users watch the client survive what
-real APIs do: 429 with Retry-After (or without), 500/502/503 with HTML or empty bodies, hangs,
-slowly dripped bodies, connections reset mid-body, malformed 200s, and forced 401/403/quota
-responses. Requests whose prompt exceeds --max-context tokens get a 400 context_length_exceeded,
+Faults (the FAULTS table), drawn per request with --fault-seed, let tests and users watch the
+client survive what real APIs do: 429 with Retry-After (or without), 500/502/503 with HTML or
+empty bodies, hangs, slowly dripped bodies, connections reset mid-body, malformed 200s, and
+forced 401/403/quota responses. Requests whose prompt exceeds --max-context tokens get a 400 context_length_exceeded,
 and max_tokens cuts the answer with finish_reason "length", as the real APIs do.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +38,9 @@ from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+import data
+import world
 
 CANNOT = ("I cannot solve this: I could not find an arithmetic problem I understand in the "
           "prompt, so I will not guess an answer.")
@@ -73,8 +79,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 def body_key(body):
     """sha256 of the canonical JSON of a request body: what /stats counts requests by."""
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+    return data.content_hash(body, 64)
 
 
 def prompt_text(messages):
@@ -112,23 +117,20 @@ def sampler(temperature, seed, messages, index=0):
     return rng if rng.random() < min(1.0, temperature) else _Greedy()
 
 
-def _default_solver(text, rng):
-    import world  # lazily: --help must work without the world's dependencies
-    return world.teacher_solution(text, rng)
-
-
 class TeacherServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung fault response must not keep the process alive at shutdown
 
     def __init__(self, port=0, model="proxykd-teacher", faults=None, solver=None, api_key=None,
-                 max_context=4096, filter_words=(), quiet=True):
-        super().__init__(("127.0.0.1", port), Handler)
-        self.model, self.faults = model, faults or Faults()
-        rates = [self.faults.rate_429, self.faults.rate_500, self.faults.rate_reset,
-                 self.faults.rate_malformed, self.faults.rate_slow, self.faults.rate_drip]
+                 max_context=4096, filter_words=(), quiet=True, slip_rate=0.0):
+        faults = faults or Faults()
+        rates = [getattr(faults, f"rate_{kind}") for kind in FAULTS]
         if any(r < 0 for r in rates) or sum(rates) > 1 + 1e-9:
             raise ValueError(f"fault rates must be >= 0 and sum to <= 1, got {rates}")
-        self.solver = solver or _default_solver
+        if not 0 <= slip_rate <= 1 or (slip_rate and solver is not None):
+            raise ValueError(f"slip_rate must be in [0, 1] and is for the world's solver, got {slip_rate}")
+        super().__init__(("127.0.0.1", port), Handler)  # binds the port: after the checks
+        self.model, self.faults = model, faults
+        self.solver = solver or functools.partial(world.teacher_solution, slip_rate=slip_rate)
         self.api_key, self.max_context = api_key, max_context
         self.filter_words = tuple(w.lower() for w in filter_words)
         self.quiet = quiet
@@ -165,12 +167,11 @@ class TeacherServer(ThreadingHTTPServer):
             self.outcomes[outcome] += 1
 
     def _draw_fault(self):
-        f, u = self.faults, self.fault_rng.random()
-        for name, rate in (("429", f.rate_429), ("500", f.rate_500), ("reset", f.rate_reset),
-                           ("malformed", f.rate_malformed), ("slow", f.rate_slow),
-                           ("drip", f.rate_drip)):
+        u = self.fault_rng.random()
+        for kind in FAULTS:  # one draw, cut into the rates in the table's order
+            rate = getattr(self.faults, f"rate_{kind}")
             if u < rate:
-                return name
+                return kind
             u -= rate
         return None
 
@@ -206,16 +207,17 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             super().log_message(fmt, *args)
 
-    # -- plumbing
-
-    def _send(self, status, payload, headers=(), content_type="application/json"):
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+    def reply_head(self, status, length, headers=(), content_type="application/json"):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("Content-Length", str(length))
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
+
+    def reply(self, status, payload, headers=(), content_type="application/json"):
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+        self.reply_head(status, len(raw), headers, content_type)
         self.wfile.write(raw)
 
     def _route(self):
@@ -225,22 +227,22 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         route = self._route()
         if route == "/models":
-            self._send(200, {"object": "list", "data": [
+            self.reply(200, {"object": "list", "data": [
                 {"id": self.server.model, "object": "model", "created": 0, "owned_by": "proxykd"}]})
         elif route == "/stats":
-            self._send(200, self.server.stats())
+            self.reply(200, self.server.stats())
         else:
-            self._send(404, _error(f"no route GET {self.path}", code="not_found"))
+            self.reply(404, _error(f"no route GET {self.path}", code="not_found"))
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)  # read the body first, whatever the route: keep-alive needs it
         if self._route() != "/chat/completions":
-            return self._send(404, _error(f"no route POST {self.path}", code="not_found"))
+            return self.reply(404, _error(f"no route POST {self.path}", code="not_found"))
         try:
             body = json.loads(raw)
         except ValueError:
-            return self._send(400, _error("We could not parse the JSON body of your request."))
+            return self.reply(400, _error("We could not parse the JSON body of your request."))
         number, fault = self.server.arrive(body_key(body))
         outcome = fault or "error"  # what /stats counts if the client hangs up on us mid-answer
         try:
@@ -248,144 +250,169 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.leave(outcome)
 
-    # -- the chat endpoint; returns the outcome name counted in /stats
-
     def _chat(self, body, number, fault):
+        """Answer one chat request; returns the outcome name counted in /stats. The order is a real
+        API's: the key and the account first, overload before the request is looked at, then the
+        request's own errors, then the answer, which a damage fault may break on its way out."""
+        srv = self.server
+        if srv.faults.latency:
+            time.sleep(srv.faults.latency)
+        refused = self._refusal(number)
+        if refused is None and fault in REFUSALS:
+            return REFUSALS[fault](self)
+        refused = refused or validate(body, srv.model, srv.max_context)
+        if refused:
+            self.reply(*refused)
+            return str(refused[0])
+        raw = json.dumps(complete(body, srv)).encode("utf-8")
+        if fault in DAMAGES:
+            return DAMAGES[fault](self, raw)
+        self.reply(200, raw)
+        return "ok"
+
+    def _refusal(self, number):
+        """(status, payload) for a missing or wrong key (--require-key) or --force-status, else None."""
         srv, f = self.server, self.server.faults
-        if f.latency:
-            time.sleep(f.latency)
         if srv.api_key and self.headers.get("Authorization") != f"Bearer {srv.api_key}":
             # Echo the key that was sent, as careless real servers do, so tests can check the
             # client redacts it from everything it records.
             sent = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
-            self._send(401, _error(f"Incorrect API key provided: {sent or '(none)'}.",
-                                   code="invalid_api_key"))
-            return "401"
+            return 401, _error(f"Incorrect API key provided: {sent or '(none)'}.", code="invalid_api_key")
         if f.force_status and number > f.force_after:
-            payload = QUOTA if f.force_code == "insufficient_quota" else FORCED.get(
-                f.force_status, _error(f"forced status {f.force_status}", code=f.force_code))
-            self._send(f.force_status, payload)
-            return str(f.force_status)
-        if fault == "429":
-            headers = []
-            if f.retry_after is not None:
-                headers = [("retry-after", str(math.ceil(f.retry_after))),
-                           ("retry-after-ms", str(int(f.retry_after * 1000)))]
-            self._send(429, _error(f"Rate limit reached for requests. Please try again in "
-                                   f"{f.retry_after or 1:g}s.", "requests", "rate_limit_exceeded"),
-                       headers)
-            return "429"
-        if fault == "500":
-            status = srv.fault_rng.choice((500, 502, 503))
-            if srv.fault_rng.random() < 0.5:  # what a proxy in front of a dead backend sends
-                self._send(status, f"<html><body><h1>{status} Bad Gateway</h1></body></html>"
-                           .encode(), content_type="text/html")
-            else:
-                self._send(status, b"", content_type="text/plain")
-            return "500"
-
-        problem = self._validate(body)
-        if problem:
-            status, payload = problem
-            self._send(status, payload)
-            return str(status)
-        doc = self._complete(body)
-        raw = json.dumps(doc).encode("utf-8")
-
-        if fault == "malformed":
-            kind = srv.fault_rng.choice(MALFORMED_KINDS)
-            bad = {"not_json": b"<html>upstream error</html>", "truncated_json": raw[:len(raw) // 2],
-                   "not_an_object": b"[]"}.get(kind)
-            if bad is None:
-                doc = json.loads(raw)
-                if kind == "empty_choices":
-                    doc["choices"] = []
-                elif kind == "null_content":
-                    doc["choices"][0]["message"]["content"] = None
-                else:
-                    del doc["choices"][0]["finish_reason"]
-                bad = json.dumps(doc).encode("utf-8")
-            self._send(200, bad)
-            return "malformed"
-        if fault == "slow":
-            time.sleep(f.slow_seconds)
-        if fault in ("reset", "drip"):
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            if fault == "reset":
-                self.wfile.write(raw[:len(raw) // 2])
-                # SO_LINGER 0: close() sends a TCP RST instead of a FIN, a reset mid-body.
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0))
-                self.connection.close()
-                self.close_connection = True
-                return "reset"
-            pieces = 20
-            step = max(1, math.ceil(len(raw) / pieces))
-            for i in range(0, len(raw), step):
-                self.wfile.write(raw[i:i + step])
-                time.sleep(f.drip_seconds / pieces)
-            return "drip"
-        self._send(200, raw)
-        return "ok" if fault is None else fault
-
-    def _validate(self, body):
-        """(status, error payload) for a request the real API would refuse, else None."""
-        srv = self.server
-        if not isinstance(body, dict):
-            return 400, _error("The request body must be a JSON object.")
-        if body.get("model") != srv.model:
-            return 404, _error(f"The model `{body.get('model')}` does not exist; this server "
-                               f"serves `{srv.model}`.", code="model_not_found", param="model")
-        messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), (str, list)) for m in messages)):
-            return 400, _error("'messages' must be a non-empty list of {role, content}.",
-                               param="messages")
-        temperature = body.get("temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            return 400, _error("'temperature' must be a number in [0, 2].", param="temperature")
-        max_tokens = body.get("max_tokens", 4096)
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            return 400, _error("'max_tokens' must be a positive integer.", param="max_tokens")
-        n = body.get("n", 1)
-        if not isinstance(n, int) or not 1 <= n <= 8:
-            return 400, _error("'n' must be an integer in [1, 8].", param="n")
-        if body.get("stream"):
-            return 400, _error("This server does not stream; send stream=false.", param="stream")
-        used = sum(count_tokens(prompt_text([m])) for m in messages if m.get("role") == "user")
-        used += sum(count_tokens(m["content"]) for m in messages
-                    if m.get("role") != "user" and isinstance(m["content"], str))
-        if used > srv.max_context:
-            return 400, _error(f"This model's maximum context length is {srv.max_context} tokens, "
-                               f"your messages resulted in {used} tokens.",
-                               code="context_length_exceeded", param="messages")
+            return f.force_status, (QUOTA if f.force_code == "insufficient_quota" else FORCED.get(
+                f.force_status, _error(f"forced status {f.force_status}", code=f.force_code)))
         return None
 
-    def _complete(self, body):
-        srv, messages = self.server, body["messages"]
-        text = prompt_text(messages)
-        prompt_tokens = sum(count_tokens(m["content"]) if isinstance(m["content"], str)
-                            else count_tokens(prompt_text([m])) for m in messages)
-        choices, completion_tokens = [], 0
-        for index in range(body.get("n", 1)):
-            rng = sampler(body.get("temperature", 1.0), body.get("seed"), messages, index)
-            if any(w in text.lower() for w in srv.filter_words):
-                content, finish = "", "content_filter"
-            else:
-                content = srv.solver(text, rng) or CANNOT
-                content, finish = _truncate(content, body.get("max_tokens"))
-            completion_tokens += count_tokens(content)
-            choices.append({"index": index, "message": {"role": "assistant", "content": content},
-                            "logprobs": None, "finish_reason": finish})
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-                "created": int(time.time()), "model": srv.model,
-                "system_fingerprint": "proxykd-embedded", "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+
+# ------------------------------------------------------------------ the faults
+# Each takes the handler (and, for damages, the finished answer's bytes), sends what that fault
+# sends, and returns the outcome name /stats counts.
+
+def _rate_limited(h):
+    f = h.server.faults
+    headers = []
+    if f.retry_after is not None:
+        headers = [("retry-after", str(math.ceil(f.retry_after))),
+                   ("retry-after-ms", str(int(f.retry_after * 1000)))]
+    h.reply(429, _error(f"Rate limit reached for requests. Please try again in {f.retry_after or 1:g}s.",
+                       "requests", "rate_limit_exceeded"), headers)
+    return "429"
+
+
+def _server_error(h):
+    status = h.server.fault_rng.choice((500, 502, 503))
+    if h.server.fault_rng.random() < 0.5:  # what a proxy in front of a dead backend sends
+        h.reply(status, f"<html><body><h1>{status} Bad Gateway</h1></body></html>".encode(),
+               content_type="text/html")
+    else:
+        h.reply(status, b"", content_type="text/plain")
+    return "500"
+
+
+def _reset_mid_body(h, raw):
+    h.reply_head(200, len(raw))
+    h.wfile.write(raw[:len(raw) // 2])
+    # SO_LINGER 0: close() sends a TCP RST instead of a FIN, a reset mid-body.
+    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    h.connection.close()
+    h.close_connection = True
+    return "reset"
+
+
+def _malformed(h, raw):
+    kind = h.server.fault_rng.choice(MALFORMED_KINDS)
+    bad = {"not_json": b"<html>upstream error</html>", "truncated_json": raw[:len(raw) // 2],
+           "not_an_object": b"[]"}.get(kind)
+    if bad is None:  # valid JSON with a broken first choice
+        doc = json.loads(raw)
+        if kind == "empty_choices":
+            doc["choices"] = []
+        elif kind == "null_content":
+            doc["choices"][0]["message"]["content"] = None
+        else:
+            del doc["choices"][0]["finish_reason"]
+        bad = json.dumps(doc).encode("utf-8")
+    h.reply(200, bad)
+    return "malformed"
+
+
+def _slow(h, raw):
+    time.sleep(h.server.faults.slow_seconds)
+    h.reply(200, raw)
+    return "slow"
+
+
+def _drip(h, raw, pieces=20):
+    h.reply_head(200, len(raw))
+    step = max(1, math.ceil(len(raw) / pieces))
+    for i in range(0, len(raw), step):
+        h.wfile.write(raw[i:i + step])
+        time.sleep(h.server.faults.drip_seconds / pieces)
+    return "drip"
+
+
+REFUSALS = {"429": _rate_limited, "500": _server_error}  # sent before the request is looked at
+DAMAGES = {"reset": _reset_mid_body, "malformed": _malformed, "slow": _slow, "drip": _drip}
+FAULTS = (*REFUSALS, *DAMAGES)  # the draw order: Faults.rate_<kind> of each, cut from one number
+
+
+# ------------------------------------------------------------------ the API's answers
+
+def validate(body, model, max_context):
+    """(status, error payload) for a request the real API would refuse, else None."""
+    if not isinstance(body, dict):
+        return 400, _error("The request body must be a JSON object.")
+    if body.get("model") != model:
+        return 404, _error(f"The model `{body.get('model')}` does not exist; this server "
+                           f"serves `{model}`.", code="model_not_found", param="model")
+    messages = body.get("messages")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), (str, list)) for m in messages)):
+        return 400, _error("'messages' must be a non-empty list of {role, content}.", param="messages")
+    temperature = body.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        return 400, _error("'temperature' must be a number in [0, 2].", param="temperature")
+    max_tokens = body.get("max_tokens", 4096)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        return 400, _error("'max_tokens' must be a positive integer.", param="max_tokens")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or not 1 <= n <= 8:
+        return 400, _error("'n' must be an integer in [1, 8].", param="n")
+    if body.get("stream"):
+        return 400, _error("This server does not stream; send stream=false.", param="stream")
+    used = sum(count_tokens(prompt_text([m])) for m in messages if m.get("role") == "user")
+    used += sum(count_tokens(m["content"]) for m in messages
+                if m.get("role") != "user" and isinstance(m["content"], str))
+    if used > max_context:
+        return 400, _error(f"This model's maximum context length is {max_context} tokens, "
+                           f"your messages resulted in {used} tokens.",
+                           code="context_length_exceeded", param="messages")
+    return None
+
+
+def complete(body, srv):
+    """The chat.completion document for a valid request: n choices, each drawn with its own rng."""
+    messages = body["messages"]
+    text = prompt_text(messages)
+    prompt_tokens = sum(count_tokens(m["content"]) if isinstance(m["content"], str)
+                        else count_tokens(prompt_text([m])) for m in messages)
+    choices, completion_tokens = [], 0
+    for index in range(body.get("n", 1)):
+        rng = sampler(body.get("temperature", 1.0), body.get("seed"), messages, index)
+        if any(w in text.lower() for w in srv.filter_words):
+            content, finish = "", "content_filter"
+        else:
+            content = srv.solver(text, rng) or CANNOT
+            content, finish = _truncate(content, body.get("max_tokens"))
+        completion_tokens += count_tokens(content)
+        choices.append({"index": index, "message": {"role": "assistant", "content": content},
+                        "logprobs": None, "finish_reason": finish})
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+            "created": int(time.time()), "model": srv.model,
+            "system_fingerprint": "proxykd-embedded", "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
 
 
 def _truncate(content, max_tokens):
@@ -417,6 +444,8 @@ def parse_args(argv=None):
                     help="answer 401 unless the request carries Bearer $TEACHER_API_KEY")
     ap.add_argument("--filter-word", action="append", default=[],
                     help="prompts containing this word get finish_reason content_filter (repeatable)")
+    ap.add_argument("--slip-rate", type=float, default=0.0,
+                    help="chance that a sampled answer makes one arithmetic slip (a wrong final answer)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds every request takes")
     ap.add_argument("--rate-429", type=float, default=0.0, help="fraction of requests answered 429")
     ap.add_argument("--retry-after", type=float, default=1.0,
@@ -457,7 +486,7 @@ def main(argv=None):
     try:
         server = TeacherServer(args.port, model=args.model, faults=faults, api_key=api_key,
                                max_context=args.max_context, filter_words=args.filter_word,
-                               quiet=not args.verbose)
+                               quiet=not args.verbose, slip_rate=args.slip_rate)
     except (OSError, ValueError) as e:
         print(f"teacher_server: {e}", file=sys.stderr)
         return 2

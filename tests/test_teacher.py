@@ -423,6 +423,25 @@ def test_server_sampling_temperature_and_seed(serve):
     assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
 
 
+def test_server_slip_rate_makes_sampled_answers_wrong_not_greedy_ones(serve):
+    import data
+    import world
+    text = lambda r: r.json()["choices"][0]["message"]["content"]
+    _, clean = serve(solver=None)
+    _, slipping = serve(solver=None, slip_rate=1.0)
+    _, sometimes = serve(solver=None, slip_rate=0.3)
+    for p in world.make_problems(12, seed=0, split="eval"):
+        msgs = [{"role": "user", "content": p["prompt"]}]
+        assert data.is_correct(text(post(clean, messages=msgs, temperature=1, seed=3)), p["answer"])
+        wrong = {text(post(slipping, messages=msgs, temperature=1, seed=3)) for _ in range(2)}
+        assert len(wrong) == 1  # seeded: the same slip every time
+        wrong = wrong.pop()
+        assert "\n#### " in wrong and not data.is_correct(wrong, p["answer"])
+        assert data.is_correct(text(post(sometimes, messages=msgs, temperature=0)), p["answer"])  # greedy
+    with pytest.raises(ValueError, match="slip_rate"):
+        ts.TeacherServer(solver=echo_solver, slip_rate=0.1)  # a slip is the world solver's
+
+
 def test_server_refuses_like_the_real_api(serve):
     srv, url = serve(solver=lambda text, rng: None)
     r = post(url, messages=[{"role": "user", "content": "tell me a joke"}])
