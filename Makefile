@@ -51,7 +51,8 @@ TEMPLATES ?= ages_future,boxes,money_spend,share_found,compare_times
 # Real parts (empty: the embedded ones).
 TEACHER_URL ?=
 TEACHER_MODEL ?= proxykd-teacher
-TEACHER_PORT ?= 18765
+# the embedded teacher's chance of one arithmetic slip per answer (a wrong final answer); 0: always right
+SLIP_RATE ?= 0
 PROMPTS ?= $(WORLD)/prompts.jsonl
 EVAL ?= $(WORLD)/eval.jsonl
 PROXY_INIT ?=
@@ -123,19 +124,16 @@ $(BASES)/student/.done: $(WORLD)/.done
 	touch $@
 
 # The black box: teacher responses for every prompt (and for the eval prompts, to measure agreement).
-# The embedded teacher server runs on 127.0.0.1 for the length of this recipe; a rerun sends only what
-# is missing (the client's cache is the output file itself).
+# Without TEACHER_URL each client call runs the embedded teacher in-process on a free 127.0.0.1 port;
+# a rerun sends only what is missing (the client's cache is the output file itself).
 teacher: $(TEACHER_DIR)/.done
 $(TEACHER_DIR)/.done: $(WORLD_DONE) | $(VENV)/.runtime
 	@mkdir -p $(TEACHER_DIR)
 ifeq ($(TEACHER_URL),)
-	$(PYTHON) teacher_server.py --port $(TEACHER_PORT) --model $(TEACHER_MODEL) > $(TEACHER_DIR)/server.log 2>&1 & \
-	pid=$$!; trap 'kill $$pid 2>/dev/null' EXIT; \
-	for i in $$(seq 100); do grep -q listening $(TEACHER_DIR)/server.log && break; sleep 0.1; done; \
 	$(PYTHON) teacher_client.py --prompts $(PROMPTS) --out $(TEACHER_DIR)/teacher.jsonl --concurrency 32 \
-	  --base-url http://127.0.0.1:$(TEACHER_PORT)/v1 --model $(TEACHER_MODEL) --seed 0 $(CLIENT_ARGS) && \
+	  --serve-embedded --slip-rate $(SLIP_RATE) --model $(TEACHER_MODEL) --seed 0 $(CLIENT_ARGS)
 	$(PYTHON) teacher_client.py --prompts $(EVAL) --out $(TEACHER_DIR)/teacher_eval.jsonl --concurrency 32 \
-	  --base-url http://127.0.0.1:$(TEACHER_PORT)/v1 --model $(TEACHER_MODEL) --seed 1 $(CLIENT_ARGS)
+	  --serve-embedded --slip-rate $(SLIP_RATE) --model $(TEACHER_MODEL) --seed 1 $(CLIENT_ARGS)
 else
 	$(PYTHON) teacher_client.py --prompts $(PROMPTS) --out $(TEACHER_DIR)/teacher.jsonl \
 	  --base-url $(TEACHER_URL) --model $(TEACHER_MODEL) $(CLIENT_ARGS)

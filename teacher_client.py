@@ -5,7 +5,7 @@
 
 Only the teacher's text is visible (the black-box setting of Proxy-KD), so this is the whole of
 our access to it. The job is thousands of paid requests against a service that throttles, fails,
-hangs and gets killed mid-run, so the contract is ../shared/RELIABILITY.md:
+hangs and gets killed mid-run, so the contract is:
 
 - OUT is the cache. One JSON line per distinct request, appended and flushed as each result
   arrives, keyed by `request_hash` (sha256 of everything that changes the answer). A rerun of the
@@ -19,47 +19,31 @@ hangs and gets killed mid-run, so the contract is ../shared/RELIABILITY.md:
 
 The API key comes only from the environment (TEACHER_API_KEY, else OPENAI_API_KEY); it is sent
 in the Authorization header and redacted from anything we record or print.
+
+With --serve-embedded (instead of --base-url) the client starts the embedded teacher
+(teacher_server.py) in this process on a free 127.0.0.1 port for the length of the run, and talks
+to it as to any endpoint; cache keys name it by its slip rate, not by the port of the day.
 """
 
 import argparse
 import concurrent.futures
-import email.utils
-import hashlib
+import contextlib
 import json
 import os
-import random
 import sys
 import threading
 import time
 from collections import Counter
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
-import urllib3
 from tqdm import tqdm
 
-# Error classes. FATAL stops the whole job: every further request would fail the same way and
-# some of them cost money. PERMANENT fails one item without retrying it. Everything else is
-# transient: retried within the run, and a rerun tries again.
-FATAL = {"unauthorized", "forbidden", "not_found", "insufficient_quota"}
-PERMANENT = {"bad_request", "unexpected_status"}
-TRANSIENT = {"rate_limited", "server_error", "timeout", "connection_error", "invalid_response"}
-CANCELLED = "cancelled"  # never attempted (or abandoned) because the job stopped
-
-FLAG_FINISH = {"length", "content_filter"}  # kept, but not clean training data
-INVALID_RETRIES = 2      # a malformed 200 is usually systematic: retry it, but not for long
-MAX_BODY = 64 << 20      # no completion is this large; refuse rather than fill memory
+import data
+import teacher_api as api
+import teacher_server
 
 
-class Failure(Exception):
-    """One failed attempt, with its class and, for 429/503, how long the server asked us to wait."""
-
-    def __init__(self, cls, message, status=None, retry_after=None):
-        super().__init__(message)
-        self.cls, self.message, self.status, self.retry_after = cls, message, status, retry_after
-
-
-# ------------------------------------------------------------------ keys and classification
+# ------------------------------------------------------------------ cache keys
 
 def normalise_base_url(url):
     """Scheme and host lower-cased, default port, user:password@ and trailing slashes dropped:
@@ -84,100 +68,12 @@ def sampling_params(temperature=1.0, max_tokens=1024, seed=None):
     return params
 
 
-def _canonical(obj):
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def request_hash(base_url, model, messages, params, sample_index=0):
     """The cache key: sha256 of canonical JSON of everything that changes the answer.
     Key order, whitespace and URL spelling do not change it; any content does."""
     key = {"base_url": normalise_base_url(base_url), "model": model, "messages": messages,
            "params": params, "sample_index": int(sample_index)}
-    return hashlib.sha256(_canonical(key).encode("utf-8")).hexdigest()
-
-
-def request_body(model, messages, params):
-    """The JSON body POSTed to /chat/completions (one choice per request: samples are separate
-    requests with their own keys, so each can be cached and retried on its own)."""
-    return {"model": model, "messages": messages, **params}
-
-
-def classify(status, body=b""):
-    """The error class of a non-200 response. `body` is only looked at to tell a 429 that means
-    "slow down" from one that means "out of money" (`insufficient_quota`, OpenAI's spelling)."""
-    if status == 401:
-        return "unauthorized"
-    if status == 403:
-        return "forbidden"
-    if status == 404:  # wrong base URL or model name: every request would get it
-        return "not_found"
-    if status == 402 or (status == 429 and b"insufficient_quota" in (body or b"")):
-        return "insufficient_quota"
-    if status == 429:
-        return "rate_limited"
-    if status == 408:
-        return "timeout"
-    if status >= 500:
-        return "server_error"
-    if status >= 400:  # 400 context length, 413, 422 validation: this item will never succeed
-        return "bad_request"
-    return "unexpected_status"  # 1xx/3xx to a POST: a misconfigured endpoint, not worth retrying
-
-
-def retry_after_seconds(headers):
-    """Seconds the server asked us to wait: `retry-after-ms` (OpenAI, Azure) first, then
-    `retry-after` as seconds or an HTTP date. None when absent or unreadable."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def parse_completion(raw):
-    """(content, finish_reason, usage, served model) of a 200 body, or Failure("invalid_response").
-    Every shape a broken proxy or gateway has been seen to return is checked here, so nothing
-    downstream can hit an IndexError or cache a None."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise Failure("invalid_response", f"200 with a body that is not JSON: {_snippet(raw)}")
-    choices = doc.get("choices") if isinstance(doc, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise Failure("invalid_response", f"200 without choices: {_snippet(raw)}")
-    message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, str):
-        raise Failure("invalid_response", f"200 whose message content is not text: {_snippet(raw)}")
-    finish = choices[0].get("finish_reason")
-    if not isinstance(finish, str) or not finish:
-        raise Failure("invalid_response", f"200 without a finish_reason: {_snippet(raw)}")
-    usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else None
-    served = doc.get("model") if isinstance(doc.get("model"), str) else None
-    return content, finish, usage, served
-
-
-def _snippet(raw, n=200):
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    text = " ".join(text.split())
-    return text[:n] + ("..." if len(text) > n else "") if text else "(empty body)"
-
-
-def api_key_from_env():
-    return os.environ.get("TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+    return data.content_hash(key, 64)
 
 
 # ------------------------------------------------------------------ the cache (OUT itself)
@@ -186,17 +82,6 @@ def errors_path_for(out_path):
     out_path = os.fspath(out_path)
     stem = out_path[:-len(".jsonl")] if out_path.endswith(".jsonl") else out_path
     return stem + ".errors.jsonl"
-
-
-def _fsync_replace(path, lines):
-    """Write `lines` to a temporary file, fsync it, rename it over `path`: readers see the old
-    file or the new one, never half of one, whatever happens to this process."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_cache(out_path, warn=None):
@@ -236,14 +121,15 @@ def load_cache(out_path, warn=None):
              "no newline; a killed run) - its request will be sent again")
     for lineno, line in bad:
         warn(f"{out_path}:{lineno}: not a result line (expected JSON with request_hash and "
-             f"response): {_snippet(line, 80)} - treated as missing, moved to {out_path}.rejected")
+             f"response): {api.snippet(line, 80)} - treated as missing, moved to {out_path}.rejected")
     if dups:
         warn(f"{out_path}: {dups} repeated request_hash line(s); keeping the first of each")
     if bad or dups:
         if bad:
             with open(out_path + ".rejected", "ab") as f:
                 f.writelines(line + b"\n" for _, line in bad)
-        _fsync_replace(out_path, [line.decode("utf-8") for line in good])
+        with data.atomic_path(out_path) as tmp:  # readers see the old file or the new one
+            tmp.write_bytes(b"".join(good))
     elif torn.strip():
         # Cut the torn tail in place, so the next append starts on a fresh line.
         with open(out_path, "r+b") as f:
@@ -289,193 +175,6 @@ class Appender:
             self.f.close()
 
 
-# ------------------------------------------------------------------ concurrency and retries
-
-class AdaptiveLimit:
-    """How many requests may be in flight. Halves on a 429 and grows by one after `limit`
-    successes in a row (AIMD, as TCP does), so a 429 storm slows the whole pool down instead of
-    every worker retrying into it. A 429 halves the limit only if its request was sent after the
-    last cut (same epoch): the burst of 429s from one overload counts once, not N times."""
-
-    def __init__(self, maximum):
-        self.maximum = self.limit = self.lowest = max(1, int(maximum))
-        self.in_flight = self.epoch = self._ok = 0
-        self.cond = threading.Condition()
-
-    def acquire(self, stop):
-        """Wait for a slot; returns the epoch to hand back to throttled(), None if stopped."""
-        with self.cond:
-            while self.in_flight >= self.limit:
-                if stop.is_set():
-                    return None
-                self.cond.wait(0.05)
-            if stop.is_set():
-                return None
-            self.in_flight += 1
-            return self.epoch
-
-    def release(self):
-        with self.cond:
-            self.in_flight -= 1
-            self.cond.notify_all()
-
-    def throttled(self, epoch):
-        with self.cond:
-            if epoch == self.epoch:
-                self.limit = max(1, self.limit // 2)
-                self.lowest = min(self.lowest, self.limit)
-                self.epoch += 1
-                self._ok = 0
-
-    def succeeded(self):
-        with self.cond:
-            self._ok += 1
-            if self._ok >= self.limit and self.limit < self.maximum:
-                self.limit += 1
-                self._ok = 0
-                self.cond.notify_all()
-
-
-def backoff_delay(attempt, base, cap):
-    """Exponential backoff with jitter in [d/2, d]: spreads retries out so that workers hit by the
-    same outage do not come back in lockstep, while the wait still grows with every attempt."""
-    d = min(cap, base * 2 ** (attempt - 1))
-    return d * random.uniform(0.5, 1.0)
-
-
-class Fetcher:
-    """What every worker thread shares: the endpoint, the limiter, the stop flag, the counters.
-    Each thread has its own requests.Session (keep-alive pool); Sessions are not thread-safe."""
-
-    def __init__(self, base_url, api_key, timeout, connect_timeout, max_retries, backoff_base,
-                 backoff_max, max_retry_after, concurrency):
-        self.url = base_url.strip().rstrip("/") + "/chat/completions"
-        self.api_key = api_key
-        self.timeout, self.connect_timeout = float(timeout), min(float(connect_timeout), float(timeout))
-        self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
-        self.max_retry_after = max_retry_after
-        self.limit = AdaptiveLimit(concurrency)
-        self.stop = threading.Event()
-        self.fatal = None  # the Failure that stopped the job
-        self.local = threading.local()
-        self.sessions, self.lock = [], threading.Lock()
-        self.requests_sent, self.attempt_failures = 0, Counter()
-
-    def _session(self):
-        s = getattr(self.local, "session", None)
-        if s is None:
-            s = self.local.session = requests.Session()
-            s.headers["User-Agent"] = "proxykd-teacher-client/1"
-            if self.api_key:
-                s.headers["Authorization"] = f"Bearer {self.api_key}"
-            with self.lock:
-                self.sessions.append(s)
-        return s
-
-    def close(self):
-        for s in self.sessions:
-            s.close()
-
-    def redact(self, text):
-        return text.replace(self.api_key, "***") if self.api_key else text
-
-    def attempt(self, body):
-        """One POST. Returns parse_completion's tuple or raises Failure. The response is read in
-        small pieces against a total deadline: requests' read timeout is per socket read, so a
-        server dripping one byte a second would otherwise hold the worker forever."""
-        deadline = time.monotonic() + self.timeout
-        try:
-            resp = self._session().post(self.url, json=body, stream=True, allow_redirects=False,
-                                        timeout=(self.connect_timeout, self.timeout))
-        except requests.exceptions.Timeout as e:
-            raise Failure("timeout", f"no response within {self.timeout:g} s ({type(e).__name__})")
-        except requests.exceptions.RequestException as e:
-            raise Failure("connection_error", f"{type(e).__name__}: {e}")
-        with resp:
-            raw = self._read_body(resp, deadline)
-            if resp.status_code != 200:
-                cls = classify(resp.status_code, raw)
-                raise Failure(cls, f"HTTP {resp.status_code}: {_snippet(raw)}", resp.status_code,
-                              retry_after_seconds(resp.headers))
-            return parse_completion(raw)
-
-    def _read_body(self, resp, deadline):
-        # read1 returns as soon as any bytes arrive (urllib3 >= 2), so the deadline is checked
-        # between every piece; a partial body from a reset is never returned, only a Failure.
-        read = getattr(resp.raw, "read1", None) or (lambda n: resp.raw.read(1))
-        chunks, size = [], 0
-        try:
-            while True:
-                if time.monotonic() > deadline:
-                    raise Failure("timeout", f"response not complete within {self.timeout:g} s "
-                                  f"({size} bytes so far)", resp.status_code)
-                piece = read(65536)
-                if not piece:
-                    return b"".join(chunks)
-                chunks.append(piece)
-                size += len(piece)
-                if size > MAX_BODY:
-                    raise Failure("invalid_response", f"body larger than {MAX_BODY} bytes")
-        except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as e:
-            raise Failure("timeout", f"read timed out after {size} bytes ({type(e).__name__})",
-                          resp.status_code)
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            # ProtocolError / IncompleteRead / ConnectionResetError: the body was cut short.
-            raise Failure("connection_error", f"connection broken after {size} bytes "
-                          f"({type(e).__name__})", resp.status_code)
-
-    def fetch(self, body):
-        """Retry one request until it succeeds, fails for good, or the job stops.
-        Returns ("ok", (content, finish, usage, served), attempts) or ("failed", Failure, attempts)."""
-        attempts = invalid = 0
-        last = Failure(CANCELLED, "not sent: the job stopped before this request")
-        while True:
-            epoch = self.limit.acquire(self.stop)
-            if epoch is None:  # stopped by a fatal error elsewhere, or interrupted
-                return "failed", last, attempts
-            attempts += 1
-            with self.lock:
-                self.requests_sent += 1
-            try:
-                result = self.attempt(body)
-            except Failure as f:
-                f.message = self.redact(f.message)
-                last = f
-            else:
-                self.limit.succeeded()
-                return "ok", result, attempts
-            finally:
-                self.limit.release()
-            with self.lock:
-                self.attempt_failures[last.cls] += 1
-            if last.cls in FATAL:
-                self.fatal = self.fatal or last
-                self.stop.set()
-                return "failed", last, attempts
-            if last.cls == "rate_limited":
-                self.limit.throttled(epoch)
-            if last.cls in PERMANENT:
-                return "failed", last, attempts
-            if last.cls == "invalid_response":
-                invalid += 1
-                if invalid > min(INVALID_RETRIES, self.max_retries):
-                    return "failed", last, attempts
-            if attempts > self.max_retries:
-                last.message += f" (gave up after {attempts} attempts)"
-                return "failed", last, attempts
-            if last.retry_after is not None:
-                if last.retry_after > self.max_retry_after:
-                    last.message += (f" (retry-after {last.retry_after:g} s is over the "
-                                     f"{self.max_retry_after:g} s cap; a rerun will retry it)")
-                    return "failed", last, attempts
-                # At least what the server asked for, plus a little jitter against lockstep.
-                delay = last.retry_after * random.uniform(1.0, 1.1)
-            else:
-                delay = backoff_delay(attempts, self.backoff_base, self.backoff_max)
-            if self.stop.wait(delay):
-                return "failed", last, attempts
-
-
 # ------------------------------------------------------------------ the job
 
 class Job:
@@ -489,7 +188,6 @@ class Job:
 def plan(rows, base_url, model, params, samples=1):
     """{request_hash: Job} in input order, and how many (row, sample) pairs were duplicates
     (same messages and parameters as an earlier row: they share its one request and line)."""
-    import data  # lazily: data.py owns the prompt formats, and --help must work without it
     jobs, duplicates = {}, 0
     for row in rows:
         messages = data.messages_of(row)
@@ -534,81 +232,37 @@ def error_row(key, job, failure, attempts):
 def collect(prompts, out_path, base_url, model, *, concurrency=8, timeout=120.0,
             connect_timeout=10.0, max_retries=6, temperature=1.0, max_tokens=1024, seed=None,
             samples=1, backoff_base=1.0, backoff_max=30.0, max_retry_after=60.0, api_key=None,
-            progress=True, warn=None):
+            progress=True, warn=None, key_url=None):
     """Get one teacher response per distinct (prompt, sample) into `out_path`; return a summary.
 
     `prompts` is a JSONL path (read with data.read_prompts) or a list of such rows. The API key
-    defaults to the environment. Delays are parameters so that tests can make them tiny."""
+    defaults to the environment. Cache keys name the endpoint by `key_url` (default: base_url).
+    Delays are parameters so that tests can make them tiny."""
     t_start = time.monotonic()
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out_path = os.fspath(out_path)
     err_path = errors_path_for(out_path)
-    if isinstance(prompts, (str, os.PathLike)):
-        import data
-        rows = data.read_prompts(prompts)
-    else:
-        rows = list(prompts)
-    params = sampling_params(temperature, max_tokens, seed)
-    jobs, duplicates = plan(rows, base_url, model, params, samples)
+    rows = data.read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+    jobs, duplicates = plan(rows, key_url or base_url, model,
+                            sampling_params(temperature, max_tokens, seed), samples)
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     cache = load_cache(out_path, warn)
     missing = [k for k in jobs if k not in cache]
     if os.path.exists(err_path):  # last run's failures are retried now; this run writes its own
         os.remove(err_path)
-
-    fetcher = Fetcher(base_url, api_key if api_key is not None else api_key_from_env(), timeout,
-                      connect_timeout, max_retries, backoff_base, backoff_max, max_retry_after,
-                      concurrency)
-    finished = {k: cache[k]["finish_reason"] for k in jobs if k in cache}
-    failures = {}  # key -> (Failure, attempts), this run's
-    bar = tqdm(total=len(jobs), initial=len(finished), unit="req", desc="teacher",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    endpoint = api.Endpoint(base_url, api_key if api_key is not None else api.api_key_from_env(), timeout,
+                            connect_timeout)
+    fetcher = api.Fetcher(endpoint, api.Retry(max_retries, backoff_base, backoff_max, max_retry_after), concurrency)
+    finished = {k: cache[k]["finish_reason"] for k in jobs if k in cache}  # key -> finish_reason
     t_net = time.monotonic()
-    out, errors = Appender(out_path), None
     try:
-        if missing:
-            errors = Appender(err_path)
-            with concurrent.futures.ThreadPoolExecutor(concurrency, "teacher") as pool:
-                futures = {pool.submit(fetcher.fetch, request_body(model, jobs[k].messages,
-                                                                   jobs[k].params)): k
-                           for k in missing}
-                try:
-                    for fut in concurrent.futures.as_completed(futures):
-                        key = futures[fut]
-                        status, value, attempts = fut.result()
-                        if status == "ok":
-                            content, finish, usage, served = value
-                            out.write(result_row(key, jobs[key], model, content, finish, usage, served))
-                            finished[key] = finish
-                        else:
-                            failures[key] = (value, attempts)
-                            errors.write(error_row(key, jobs[key], value, attempts))
-                        bar.update(1)
-                        bar.set_postfix(done=len(finished) - (len(jobs) - len(missing)),
-                                        cached=len(jobs) - len(missing), failed=len(failures),
-                                        refresh=False)
-                finally:
-                    # Whatever ended the loop (a fatal error, Ctrl-C), the queued jobs see the
-                    # flag and return without sending; in-flight ones end within the timeout.
-                    fetcher.stop.set()
+        failures = _fetch_missing(fetcher, jobs, missing, model, out_path, err_path, finished, progress)
     finally:
-        bar.close()
-        out.close()
-        if errors:
-            errors.close()
-        fetcher.close()
+        endpoint.close()
     t_end = time.monotonic()
 
-    # Exactly once: every key is now in OUT or in the errors file, never in both, never twice.
-    # Keys the loop never reached (stopped early) are recorded as cancelled.
-    never = Failure(CANCELLED, "not sent: the job stopped before this request")
-    still_failing = [error_row(k, jobs[k], *failures.get(k, (never, 0)))
-                     for k in jobs if k not in finished]
-    if still_failing:
-        _fsync_replace(err_path, [json.dumps(r, ensure_ascii=False) + "\n" for r in still_failing])
-    elif os.path.exists(err_path):
-        os.remove(err_path)
+    still_failing = _write_failures(err_path, jobs, finished, failures)
 
     net_s = max(t_end - t_net, 1e-9)
     done = len(finished) - (len(jobs) - len(missing))
@@ -628,6 +282,57 @@ def collect(prompts, out_path, base_url, model, *, concurrency=8, timeout=120.0,
                   "message": fetcher.fatal.message},
         "out": out_path, "errors": err_path if still_failing else None,
     }
+
+
+def _fetch_missing(fetcher, jobs, missing, model, out_path, err_path, finished, progress):
+    """Send the missing requests through a pool of fetcher.fetch workers, appending each result
+    to OUT (and each failure to the errors file) as it arrives; `finished` gains the results.
+    Returns this run's failures, {key: (Failure, attempts)}."""
+    cached = len(jobs) - len(missing)
+    failures = {}
+    bar = tqdm(total=len(jobs), initial=len(finished), unit="req", desc="teacher",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    out, errors = Appender(out_path), Appender(err_path) if missing else None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(fetcher.limit.maximum, "teacher") as pool:
+            futures = {pool.submit(fetcher.fetch, api.request_body(model, jobs[k].messages, jobs[k].params)): k
+                       for k in missing}
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    key = futures[fut]
+                    status, value, attempts = fut.result()
+                    if status == "ok":
+                        content, finish, usage, served = value
+                        out.write(result_row(key, jobs[key], model, content, finish, usage, served))
+                        finished[key] = finish
+                    else:
+                        failures[key] = (value, attempts)
+                        errors.write(error_row(key, jobs[key], value, attempts))
+                    bar.update(1)
+                    bar.set_postfix(done=len(finished) - cached, cached=cached, failed=len(failures),
+                                    refresh=False)
+            finally:
+                # Whatever ended the loop (a fatal error, Ctrl-C), the queued jobs see the flag
+                # and return without sending; in-flight ones end within the timeout.
+                fetcher.stop.set()
+    finally:
+        bar.close()
+        out.close()
+        if errors:
+            errors.close()
+    return failures
+
+
+def _write_failures(err_path, jobs, finished, failures):
+    """Rewrite the errors file with every key not in OUT, so each key is now in exactly one of the
+    two files; keys the loop never reached (the job stopped early) are recorded as cancelled."""
+    never = api.Failure(api.CANCELLED, "not sent: the job stopped before this request")
+    still_failing = [error_row(k, jobs[k], *failures.get(k, (never, 0))) for k in jobs if k not in finished]
+    if still_failing:
+        data.write_jsonl(err_path, still_failing)
+    elif os.path.exists(err_path):
+        os.remove(err_path)
+    return still_failing
 
 
 def format_summary(s):
@@ -654,13 +359,33 @@ def format_summary(s):
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def serve_embedded(model, slip_rate=0.0):
+    """The embedded teacher (teacher_server.py) on a free 127.0.0.1 port for the length of the
+    block: yields (base URL, the URL its cache keys use). It is stopped on the way out, also on an
+    error or Ctrl-C. The key URL names the teacher by its slip rate, which changes its answers,
+    not by the port, which changes every run: a rerun finds its cache."""
+    server, thread, url = teacher_server.start_server(0, model=model, slip_rate=slip_rate)
+    try:
+        yield url, f"embedded://teacher_server?slip_rate={slip_rate:g}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", required=True, help="input JSONL: id, prompt or messages, optional answer")
     ap.add_argument("--out", required=True,
                     help="output JSONL, also the cache: rerunning the same command sends only what is missing")
-    ap.add_argument("--base-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    where.add_argument("--serve-embedded", action="store_true",
+                       help="start the embedded teacher in this process for the run and ask it")
+    ap.add_argument("--slip-rate", type=float, default=0.0,
+                    help="with --serve-embedded: chance that an answer makes one arithmetic slip")
     ap.add_argument("--model", required=True, help="model name sent with every request")
     ap.add_argument("--concurrency", type=int, default=8, help="worker threads (the most requests in flight)")
     ap.add_argument("--timeout", type=float, default=120.0,
@@ -676,23 +401,27 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.concurrency < 1 or args.max_retries < 0 or args.samples < 1 or args.timeout <= 0:
         ap.error("--concurrency and --samples must be >= 1, --max-retries >= 0, --timeout > 0")
+    if (args.slip_rate and not args.serve_embedded) or not 0 <= args.slip_rate <= 1:
+        ap.error("--slip-rate is a probability, and only for --serve-embedded")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    import data
     try:
         rows = data.read_prompts(args.prompts)
     except (data.DataError, OSError) as e:
         print(f"teacher_client: {e}", file=sys.stderr)
         return 2
+    endpoint = (serve_embedded(args.model, args.slip_rate) if args.serve_embedded
+                else contextlib.nullcontext((args.base_url, args.base_url)))
     try:
-        summary = collect(rows, args.out, args.base_url, args.model,
-                          concurrency=args.concurrency, timeout=args.timeout,
-                          max_retries=args.max_retries, temperature=args.temperature,
-                          max_tokens=args.max_tokens, seed=args.seed, samples=args.samples,
-                          max_retry_after=args.max_retry_after, progress=not args.no_progress)
+        with endpoint as (base_url, key_url):
+            summary = collect(rows, args.out, base_url, args.model, key_url=key_url,
+                              concurrency=args.concurrency, timeout=args.timeout,
+                              max_retries=args.max_retries, temperature=args.temperature,
+                              max_tokens=args.max_tokens, seed=args.seed, samples=args.samples,
+                              max_retry_after=args.max_retry_after, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"teacher_client: interrupted; {args.out} holds every result so far, rerun the "
               "same command to finish", file=sys.stderr)

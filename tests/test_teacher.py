@@ -1,5 +1,6 @@
-"""The teacher client's contract (../shared/RELIABILITY.md), each fault injected through a real
-HTTP server on 127.0.0.1 (teacher_server.py), plus the server's own behaviour.
+"""The teacher client's contract (OUT is the cache, every key ends in exactly one file, fatal errors
+stop at once, transient ones are retried within bounds), each fault injected through a real HTTP
+server on 127.0.0.1 (teacher_server.py), plus the server's own behaviour and --serve-embedded.
 
 Every run ends with the same check: every line of every output parses, and every input key is in
 the results or in the failures file, exactly once. Delays are tiny parameters so the file runs in
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import teacher_api as api
 import teacher_client as tc
 import teacher_server as ts
 
@@ -62,7 +64,7 @@ def jobs_of(rows, url, temperature=1.0, max_tokens=1024, seed=None):
 
 def body_key(job):
     """The server's counter key for a client job: lets tests count requests per cache key."""
-    return ts.body_key(tc.request_body(MODEL, job.messages, job.params))
+    return ts.body_key(api.request_body(MODEL, job.messages, job.params))
 
 
 def read_lines(path):
@@ -97,6 +99,10 @@ def test_request_hash_covers_the_answer_not_the_formatting():
     assert (tc.request_hash("https://u:secret@API.example.com:443/v1", MODEL, msgs, p)
             == tc.request_hash("https://api.example.com/v1", MODEL, msgs, p))
     # Anything that changes the answer changes the key.
+    # The keys of caches already written: the bytes hashed must never change.
+    assert tc.request_hash("http://127.0.0.1:18765/v1", MODEL, [{"role": "user", "content": "Mia has 3 apples. é ✓"}],
+                           tc.sampling_params(1.0, 1024, 0)) == \
+        "f4beede721e8939bc685c334f151765deb88ae99d2ee868e193931853c64078c"
     for other in [tc.request_hash("http://127.0.0.1:8001/v1", MODEL, msgs, p),
                   tc.request_hash("http://127.0.0.1:8000/v1", "other", msgs, p),
                   tc.request_hash("http://127.0.0.1:8000/v1", MODEL, [{"role": "user", "content": "2+3?"}], p),
@@ -107,17 +113,17 @@ def test_request_hash_covers_the_answer_not_the_formatting():
 
 
 def test_classify_and_retry_after():
-    assert [tc.classify(s) for s in (401, 403, 404, 400, 422, 413, 408, 500, 502, 503, 429, 302)] == [
+    assert [api.classify(s) for s in (401, 403, 404, 400, 422, 413, 408, 500, 502, 503, 429, 302)] == [
         "unauthorized", "forbidden", "not_found", "bad_request", "bad_request", "bad_request",
         "timeout", "server_error", "server_error", "server_error", "rate_limited", "unexpected_status"]
-    assert tc.classify(429, b'{"error": {"code": "insufficient_quota"}}') == "insufficient_quota"
-    assert tc.classify(500, b"<html>oops</html>") == "server_error"  # HTML body: no JSON decoding
-    assert tc.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    assert tc.retry_after_seconds({"retry-after": "3"}) == 3.0
+    assert api.classify(429, b'{"error": {"code": "insufficient_quota"}}') == "insufficient_quota"
+    assert api.classify(500, b"<html>oops</html>") == "server_error"  # HTML body: no JSON decoding
+    assert api.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert api.retry_after_seconds({"retry-after": "3"}) == 3.0
     when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < tc.retry_after_seconds({"retry-after": when}) <= 31
-    assert tc.retry_after_seconds({"retry-after": "soon"}) is None
-    assert tc.retry_after_seconds({}) is None
+    assert 25 < api.retry_after_seconds({"retry-after": when}) <= 31
+    assert api.retry_after_seconds({"retry-after": "soon"}) is None
+    assert api.retry_after_seconds({}) is None
 
 
 @pytest.mark.parametrize("raw", [
@@ -128,13 +134,13 @@ def test_classify_and_retry_after():
     b'{"choices": [{"message": {"content": "hi"}, "finish_reason": ""}]}',
 ])
 def test_malformed_200_bodies_are_invalid_response(raw):
-    with pytest.raises(tc.Failure) as e:
-        tc.parse_completion(raw)
+    with pytest.raises(api.Failure) as e:
+        api.parse_completion(raw)
     assert e.value.cls == "invalid_response"
 
 
 def test_adaptive_limit_halves_once_per_overload_and_grows_back():
-    lim, stop = tc.AdaptiveLimit(8), __import__("threading").Event()
+    lim, stop = api.AdaptiveLimit(8), __import__("threading").Event()
     epochs = [lim.acquire(stop) for _ in range(4)]
     for e in epochs:  # four 429s from the same burst cut once, not four times
         lim.release()
@@ -331,11 +337,10 @@ def test_5xx_with_html_or_empty_bodies_are_retried(serve, tmp_path):
 def test_hang_and_slow_drip_are_bounded_by_the_total_deadline(serve):
     for faults in (ts.Faults(rate_slow=1.0, slow_seconds=3), ts.Faults(rate_drip=1.0, drip_seconds=3)):
         _, url = serve(faults=faults)
-        f = tc.Fetcher(url, None, timeout=0.3, connect_timeout=0.3, max_retries=0, backoff_base=0,
-                       backoff_max=0, max_retry_after=1, concurrency=1)
+        f = api.Endpoint(url, None, timeout=0.3, connect_timeout=0.3)
         t = time.monotonic()
-        with pytest.raises(tc.Failure) as e:
-            f.attempt(tc.request_body(MODEL, [{"role": "user", "content": "x"}], {}))
+        with pytest.raises(api.Failure) as e:
+            f.attempt(api.request_body(MODEL, [{"role": "user", "content": "x"}], {}))
         f.close()
         # The drip sends a byte-run every 0.15 s, so a per-read timeout alone would never fire.
         assert e.value.cls == "timeout" and time.monotonic() - t < 1.0
@@ -366,7 +371,7 @@ def test_malformed_200s_get_limited_retries_and_are_never_cached(serve, tmp_path
     s = collect(rows, out, url)
     assert s["failed_by_class"] == {"invalid_response": 12}
     assert read_lines(out) == []
-    assert all(n == tc.INVALID_RETRIES + 1 for n in srv.by_key.values())
+    assert all(n == api.INVALID_RETRIES + 1 for n in srv.by_key.values())
     srv.faults.rate_malformed = 0.0
     assert collect(rows, out, url)["done"] == 12
     exactly_once(out, jobs_of(rows, url))
@@ -496,3 +501,26 @@ def test_the_embedded_world_end_to_end(serve, tmp_path):
     s2 = collect(str(prompts), str(tmp_path / "t2.jsonl"), url, temperature=1.0, seed=0)
     again = {r["id"]: r["response"] for r in read_lines(str(tmp_path / "t2.jsonl"))}
     assert s2["done"] == 25 and again == {i: r["response"] for i, r in results.items()}
+
+
+def test_serve_embedded_runs_the_teacher_for_the_run_only(tmp_path, capsys):
+    import data
+    import world
+    problems = world.make_problems(16, seed=0, split="eval")
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "t.jsonl"
+    data.write_jsonl(prompts, problems)
+    args = ["--prompts", str(prompts), "--out", str(out), "--model", MODEL, "--seed", "0",
+            "--serve-embedded", "--no-progress", "--concurrency", "4"]
+    servers = lambda: [t for t in __import__("threading").enumerate() if t.name == "teacher-server"]
+    assert tc.main(args) == 0 and not servers()  # stopped at the end
+    results = read_lines(out)
+    assert len(results) == 16 and all(data.is_correct(r["response"], r["answer"]) for r in results)
+    assert tc.main(args) == 0 and "0 done, 16 cached" in capsys.readouterr().err  # another port, the same keys
+    slipped = tmp_path / "slipped.jsonl"  # a slip rate is another teacher: its own keys, wrong answers
+    assert tc.main([*args[:3], str(slipped), *args[4:], "--slip-rate", "1"]) == 0
+    assert not any(data.is_correct(r["response"], r["answer"]) for r in read_lines(slipped))
+    assert not {r["request_hash"] for r in results} & {r["request_hash"] for r in read_lines(slipped)}
+    # stopped on an error too: OUT is a directory
+    assert tc.main([*args[:3], str(tmp_path), *args[4:]]) == 2 and not servers()
+    with pytest.raises(SystemExit):
+        tc.parse_args([*args[:4], "--model", MODEL, "--base-url", "http://x/v1", "--slip-rate", "0.5"])
