@@ -1,5 +1,6 @@
-"""One intra-op thread per test process: the suite's models are tiny, and on a 2-core machine shared with
-other work, oversubscribed OpenMP threads make them 10-100x slower, not faster."""
+"""Shared test set-up: one intra-op thread per test process (the suite's models are tiny, and on a 2-core
+machine shared with other work, oversubscribed OpenMP threads make them 10-100x slower, not faster); the
+embedded world written small; tiny random HF Llamas; helpers for free ports, weights and metrics files."""
 import pytest
 import torch
 
@@ -57,3 +58,27 @@ def tok():
     """The embedded world's tokenizer (1,024 tokens, seed 0), trained once for the whole run."""
     import world
     return world.world_tokenizer(1024, seed=0)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for torchrun's rendezvous, a server)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights(path):
+    """The state dict of the model.safetensors in directory `path`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def metric_rows(path, stage):
+    """The rows of `stage` in directory `path`'s metrics.jsonl, in order."""
+    import json
+    from pathlib import Path
+    rows = map(json.loads, (Path(path) / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r.get("stage") == stage]
