@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -137,20 +137,40 @@ class Block(nn.Module):
 
 # ------------------------------------------------------------------------------------------- config
 
-# HF config.json key -> our field. Everything else is either in IGNORED_KEYS (no effect on the math
-# of a Llama forward pass) or refused, so a config we do not understand never loads silently wrong.
+# HF config.json key -> our field. Any other key must be listed below, with why it leaves the model's
+# math unchanged, or be at the one value this implementation computes; anything else is refused by name,
+# so a config we do not understand never loads silently wrong.
 FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
           "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
           "attention_bias", "mlp_bias")
 IGNORED_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "initializer_range", "attention_dropout", "pretraining_tp", "_name_or_path", "return_dict",
-    "output_attentions", "output_hidden_states", "torchscript", "id2label", "label2id",
-    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
-    "problem_type", "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task",
+    # What the file is and what wrote it (model_type and architectures are checked in from_hf);
+    # is_llama_config is nanotron's marker for a plain Llama, transformers.js_config the settings of
+    # transformers.js's ONNX export.
+    "architectures", "model_type", "transformers_version", "_name_or_path", "is_llama_config",
+    "transformers.js_config",
+    # The dtype the weights were stored in: from_pretrained casts to the one asked for.
+    "torch_dtype", "dtype",
+    # Switches and defaults of transformers' own runtime: caching, outputs, generation settings.
+    "use_cache", "return_dict", "output_attentions", "output_hidden_states", "torchscript",
     "_attn_implementation_autoset", "generation_config", "max_length", "bad_words_ids", "num_beams",
+    "chunk_size_feed_forward",
+    # Initialisation of a fresh model: loading replaces every weight.
+    "initializer_range",
+    # transformers' Llama slices each projection into this many parts and sums them: the same matmul.
+    "pretraining_tp",
+    # PretrainedConfig defaults for classification heads and encoder-decoders; a causal Llama reads none.
+    "id2label", "label2id", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "problem_type", "finetuning_task",
+}
+# Keys accepted only at the value this implementation computes: (that value, what it computes).
+REQUIRED_VALUES = {
+    "hidden_act": ("silu", "the MLP is SwiGLU, silu(gate) * up"),
+    "rope_interleaved": (False, "RoPE here rotates the two halves of each head against each other (HF's "
+                                "layout), not adjacent pairs"),
+    "attention_dropout": (0.0, "no dropout here, where transformers would drop attention weights in training"),
 }
 
 
@@ -219,10 +239,10 @@ class Config:
         if d.get("model_type", "llama") != "llama" or arch != ["LlamaForCausalLM"]:
             raise CheckpointError(f"{where}: model_type {d.get('model_type')!r} / architectures {arch} is not "
                                   "supported, expected llama / ['LlamaForCausalLM']")
-        if d.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{where}: hidden_act {d['hidden_act']!r} is not supported, expected 'silu'")
-        d = dict(d)
-        d.pop("hidden_act", None)
+        for key, (value, what) in REQUIRED_VALUES.items():
+            if d.get(key, value) != value:
+                raise CheckpointError(f"{where}: {key} {d[key]!r} is not supported, expected {value!r}: {what}")
+        d = {k: v for k, v in d.items() if k not in REQUIRED_VALUES}
         # transformers >= 5 writes RoPE settings as `rope_parameters`; older files use rope_theta/rope_scaling.
         rp = d.pop("rope_parameters", None)
         if rp:
@@ -373,16 +393,7 @@ class Llama(nn.Module):
         if self.cfg.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # HF omits the tied head
         sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        shards = [sd]
-        if max_shard_bytes is not None:
-            shards, cur, size = [], {}, 0
-            for k, v in sd.items():
-                nbytes = v.numel() * v.element_size()
-                if cur and size + nbytes > max_shard_bytes:
-                    shards.append(cur)
-                    cur, size = {}, 0
-                cur[k], size = v, size + nbytes
-            shards.append(cur)
+        shards = [sd] if max_shard_bytes is None else split_shards(sd, max_shard_bytes)
         dtype = next(iter(sd.values())).dtype
         cfg = {**self.cfg.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
         data.atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
@@ -397,7 +408,7 @@ class Llama(nn.Module):
             with data.atomic_path(path / name) as tmp:
                 save_file(shard, str(tmp), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
+        total = sum(_nbytes(v) for v in sd.values())
         data.atomic_write_text(path / "model.safetensors.index.json",
                                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (path / "model.safetensors").unlink(missing_ok=True)
@@ -416,26 +427,46 @@ class Llama(nn.Module):
         sd = read_safetensors_dir(path, device=device)
         if cfg.tie_word_embeddings and "lm_head.weight" in sd:
             sd.pop("lm_head.weight")  # some tied exports repeat the head; the tie decides
-        missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        if missing:
-            raise CheckpointError(f"{path}: missing tensor {missing[0]} (expected shape {tuple(expected[missing[0]])})"
-                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if unexpected:
-            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} with shape {tuple(sd[unexpected[0]].shape)}"
-                                  + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
-        for k, shape in expected.items():
-            t = sd[k]
-            if t.shape != shape:
-                raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            if not t.is_floating_point():
-                raise CheckpointError(f"{path}: tensor {k} has dtype {t.dtype}, expected a floating-point dtype")
-            sd[k] = t.to(dtype=dtype)
+        check_tensors(path, expected, sd)
+        sd = {k: t.to(dtype=dtype) for k, t in sd.items()}
         model.load_state_dict(sd, strict=not cfg.tie_word_embeddings, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg, device=model.device)
         return model
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def split_shards(sd: dict, max_shard_bytes: int) -> list[dict]:
+    """Consecutive tensors grouped into shards of at most max_shard_bytes (a bigger tensor alone)."""
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        if cur and size + _nbytes(v) > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + _nbytes(v)
+    return shards + [cur]
+
+
+def check_tensors(path, expected: dict, sd: dict):
+    """CheckpointError naming the first tensor of sd that is missing, unexpected, misshapen or not float."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]} (expected shape {tuple(expected[missing[0]])})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} with shape {tuple(sd[unexpected[0]].shape)}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for k, shape in expected.items():
+        t = sd[k]
+        if t.shape != shape:
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {k} has dtype {t.dtype}, expected a floating-point dtype")
 
 
 def read_safetensors_dir(path: Path, device=None) -> dict[str, torch.Tensor]:

@@ -118,6 +118,31 @@ def test_config_roundtrip_and_rope_parameters_form():
     assert Config.from_hf(d) == cfg
 
 
+# SmolLM2-135M-Instruct's own config.json as published on the Hub: real configs carry keys beyond the math.
+SMOLLM2_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+    "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False,
+    "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}},
+    "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152,
+}
+
+
+def test_real_hub_config_loads_and_keys_that_change_the_math_are_refused_by_name():
+    cfg = Config.from_hf(SMOLLM2_CONFIG)
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta, cfg.tie_word_embeddings) == (3, 64, 100000, True)
+    for patch, msg in [({"rope_interleaved": True}, r"rope_interleaved True is not supported, expected False"),
+                       ({"attention_dropout": 0.1}, r"attention_dropout 0.1 is not supported"),
+                       ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported, expected 'silu'"),
+                       ({"no_rope_layers": [1, 0]}, r"unsupported keys \['no_rope_layers'\]")]:
+        with pytest.raises(CheckpointError, match=msg) as e:
+            Config.from_hf({**SMOLLM2_CONFIG, **patch})
+        assert "\n" not in str(e.value)
+
+
 def test_token_logprobs_chunked_matches_naive_with_grads(tmp_path):
     _, d = hf_model("llama3_gqa", tmp_path)
     m = Llama.from_pretrained(d)
