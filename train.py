@@ -14,18 +14,17 @@ import random
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from datetime import timedelta
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import data
+import dist
 from generate import generate
-from model import (PRESETS, CheckpointError, Config, Llama, LoRALinear, apply_lora, lora_state_dict, rope_inv_freq,
-                   token_logprobs)
+from model import PRESETS, CheckpointError, Config, Llama, apply_lora, lora_state_dict, token_logprobs
 
 
 # ------------------------------------------------------------------------------------ device, model
@@ -42,14 +41,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def maybe_compile(model: Llama, device: torch.device, flag: bool | None):
-    """The module to run forward passes with. The uncompiled `model` stays the one that is saved,
-    evaluated and used for generation, so checkpoints never carry `_orig_mod.` prefixes."""
-    if flag is None:
-        flag = device.type == "cuda"
-    return torch.compile(model) if flag else model
 
 
 def load_model(init: str, tok, device, seed: int = 0, lora_rank: int = 0, lora_alpha: float | None = None,
@@ -74,178 +65,6 @@ def load_model(init: str, tok, device, seed: int = 0, lora_rank: int = 0, lora_a
     return model
 
 
-# ---------------------------------------------------------------------- past one device (torchrun)
-#
-# `torchrun --nproc_per_node=N script.py ... --dist ddp|fsdp` runs N copies; torchrun's environment (RANK,
-# WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) sets up the process group. Every rank plans the same global windows
-# and takes its share of each window's micro-batches; rank 0 alone writes logs and checkpoints. With one process
-# (no torchrun) every helper below is a no-op and the code paths are those of a single device.
-
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist_on() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist_on() else 1
-
-
-def is_main() -> bool:
-    """Rank 0: the one that prints, logs and writes files."""
-    return rank() == 0
-
-
-def barrier():
-    if dist_on():
-        dist.barrier()
-
-
-def gather_objects(obj) -> list:
-    """Every rank's picklable obj, in rank order, on every rank ([obj] with one process)."""
-    if not dist_on():
-        return [obj]
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def share(items: list, lockstep: bool = False) -> list[tuple[object, bool]]:
-    """This rank's items of a list every rank knows: items[rank::world], as (item, True). With lockstep, ranks
-    short of the longest share get (items[0], False) fillers: under FSDP every forward is a collective (each
-    block is all-gathered), so all ranks must run the same number of them and drop the filler's result."""
-    mine = [(x, True) for x in items[rank()::world()]]
-    if lockstep and items:
-        mine += [(items[0], False)] * (-(-len(items) // world()) - len(mine))
-    return mine
-
-
-def reshard(model):
-    """Free every gathered FSDP parameter, so model.parameters() are the sharded ones again. The root stays
-    gathered after a forward (see distribute) until a backward; after a no-grad forward (sampling, reference
-    log-probs, evaluation) it must be resharded by hand before an optimizer or a state dict is made from it."""
-    if is_fsdp(model):
-        for m in model.modules():
-            if is_fsdp(m):
-                m.reshard()
-
-
-def is_fsdp(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        return False
-    return isinstance(model, FSDPModule)
-
-
-@contextmanager
-def distributed(args):
-    """Set up (and always tear down) the process group for --dist ddp|fsdp under torchrun: NCCL with device
-    cuda:LOCAL_RANK on GPUs, gloo on CPU. Sets args.device to this rank's device. A group that already exists
-    (a caller set it up) is used and left alone. Without --dist, a torchrun launch is refused."""
-    mode = getattr(args, "dist", None)
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode is None and n > 1:
-        fail(f"this command runs in one process (torchrun started {n}): launch it with python, not torchrun")
-    if mode in (None, "none"):
-        if n > 1:
-            fail(f"torchrun started {n} processes but --dist is none: pass --dist ddp (replicated) or --dist fsdp "
-                 "(sharded)")
-        yield
-        return
-    if "LOCAL_RANK" not in os.environ:
-        fail(f"--dist {mode} runs under torchrun: torchrun --nproc_per_node=N {Path(sys.argv[0]).name} ...")
-    if mode == "fsdp":
-        try:
-            from torch.distributed.fsdp import fully_shard  # noqa: F401
-        except ImportError:
-            fail(f"--dist fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this is torch "
-                 f"{torch.__version__}: upgrade, or use --dist ddp")
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    args.device = str(device)
-    owner = not dist_on()
-    if owner:
-        # One hour, not the default 10-30 minutes: the other ranks wait at a barrier while rank 0 evaluates by
-        # generation (--eval) or writes a large checkpoint.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
-    try:
-        yield
-        if owner:
-            # Every rank past its last write before any exits: torchrun stops the others as soon as one exits
-            # non-zero, as all do after --stop-after (exit 3).
-            dist.barrier()
-    finally:
-        if owner:
-            # Free every DDP/FSDP object that holds the group before destroying it: a gloo group freed later,
-            # while the interpreter exits, can abort the process ("terminate called without an active
-            # exception", exit -6) as its worker thread drops a Python object without the GIL.
-            import gc
-            gc.collect()
-            dist.destroy_process_group()
-
-
-def build_device(args, device) -> torch.device:
-    """Where the model to train is loaded: its training device, or the CPU under FSDP, where fully_shard moves one
-    block at a time to the device as it shards it, so no GPU ever holds the whole model."""
-    return torch.device("cpu") if getattr(args, "dist", "none") == "fsdp" else device
-
-
-class HeadDDP(DistributedDataParallel):
-    """DDP that exposes the model's `lm_head`: the losses read `fwd.lm_head.weight` after `fwd(...)` returns the
-    hidden states (the chunked head, model.token_logprobs and distill.kd_token_losses). DDP's gradient hooks sit
-    on the parameters themselves, so a head applied outside forward is reduced like any other weight."""
-
-    @property
-    def lm_head(self):
-        return self.module.lm_head
-
-
-def distribute(model: Llama, args, device):
-    """The forward handle for training, after the weights are restored and before the optimizer is built:
-    the (compiled) model itself, DDP around it, or the model sharded in place with FSDP2.
-
-    FSDP2: each decoder block is its own unit (all-gathered for its forward and backward, freed after), the
-    root holds the embedding, final norm and head. The root is NOT resharded after forward: the losses apply
-    model.lm_head.weight chunk by chunk after model.forward returns (a [B, T, V] logits tensor is never built),
-    and that weight is the unsharded parameter only while the root is unsharded; FSDP reshards it after the
-    backward. Weights are all-gathered in fp32 and the compute is under the same autocast as on one device."""
-    mode = getattr(args, "dist", "none")
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model, reshard_after_forward=False)
-        return maybe_compile(model, device, args.compile)
-    fwd = maybe_compile(model, device, args.compile)
-    if mode == "ddp":
-        return HeadDDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    return fwd
-
-
-def _grad_sync(fwd, model, sync: bool):
-    """Gradients are reduced across ranks after the last micro-batch of a step only (DDP's no_sync; FSDP keeps
-    unsharded gradients until then)."""
-    if isinstance(fwd, DistributedDataParallel) and not sync:
-        return fwd.no_sync()
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(sync)
-    return nullcontext()
-
-
-def _sum_over_ranks(values: list[float], device) -> list[float]:
-    if not dist_on():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ----------------------------------------------------------------------------------- optimisation
 
 def lr_at(step: int, total: int, lr: float, schedule: str = "constant", warmup: int = 0,
@@ -262,7 +81,6 @@ def lr_at(step: int, total: int, lr: float, schedule: str = "constant", warmup: 
 def make_optimizer(model: Llama, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (the LoRA adapters only, under LoRA); weight decay on matrices
     only, as in nanoGPT. Fused kernel on CUDA."""
-    reshard(model)  # under FSDP the optimizer must hold the sharded parameters, not the root's gathered ones
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -275,8 +93,8 @@ def plan_windows(lengths: list[int], batch_size: int, grad_accum: int, epochs: f
 
     The window, not the micro-batch, is what the seed shuffles, so batch 8 × 1 step and batch 2 × 4 steps
     see the same samples per optimizer step and (with token-normalised losses) take the same step.
-    Under torchrun, pass grad_accum × world size: every rank plans the same global windows and `fit` gives
-    each rank its share of every window's micro-batches, so N ranks take the steps one process would.
+    Under torchrun, pass grad_accum × the number of ranks: every rank plans the same global windows and `fit`
+    gives each rank its share of every window's micro-batches, so N ranks take the steps one process would.
     Returns list[window][micro-batch] -> sample indices; resuming at step s is `windows[s:]`."""
     window_size = batch_size * grad_accum
     windows = []
@@ -290,69 +108,74 @@ def plan_windows(lengths: list[int], batch_size: int, grad_accum: int, epochs: f
     return plan
 
 
-def fit(model: Llama, fwd, opt, windows, batch_fn, loss_fn, norm_fn, args, *, device, start_step: int = 0,
-        log=None, save=None, tag: str = "train", stop_after: int | None = None):
-    """The one training loop. For each optimizer step: the window's normalisers (token and pair counts of
-    all its micro-batches, so the loss is a mean over the window whatever the split), forward/backward each
-    micro-batch, clip, step, zero. `.item()` only on log steps. `save(step)` runs every --save-every steps
-    and at the end; `--stop-after N` returns after step N (for resume tests and budgets).
+@dataclass
+class Stage:
+    """What a stage hands the loop: its optimizer steps, how to build and score a micro-batch, and where its
+    rows and checkpoints go."""
+    tag: str                        # "sft", "align", "distill": the `stage` of its metrics rows
+    windows: list                   # plan_windows(...): [step][micro-batch] -> sample indices
+    batch_fn: Callable              # micro-batch indices -> dict of tensors on the device
+    norm_fn: Callable               # window -> its normalisers ({"tokens": n, ...}), counted over the whole window
+    loss_fn: Callable               # (fwd, batch, norm) -> (loss already / the window's normaliser, {name: tensor})
+    log: Callable                   # row -> None, on log steps (every rank calls it; MetricsLog writes on rank 0)
+    save: Callable                  # step -> None: a checkpoint every --save-every steps and at the end
+    stop_after: int | None = None   # return after this step (--stop-after: a budget, or to test resume)
 
-    loss_fn(fwd, batch, norm) -> (loss, {name: detached tensor}) where loss is already divided by the
-    window's normaliser; metric tensors are summed over the window's micro-batches.
 
-    Under torchrun the windows are global (see plan_windows): rank r runs micro-batches r, r + N, ... of each,
-    the normalisers still come from the whole window (every rank knows every sample's length: no
-    communication), and the metric sums are added over ranks before rank 0 logs them. `log` and `save` are
-    called on every rank (both no-ops or collectives there)."""
-    amp = autocast(device)
-    total = len(windows)
-    n_ranks = world()
+def fit(model: Llama, fwd, opt, stage: Stage, args, device, start: int = 0) -> int:
+    """The one training loop, from step `start` (0, or where a resume picks up) to the last window or
+    stage.stop_after; returns the number of steps done. Each optimizer step: set the LR, forward and backward
+    every micro-batch of the window, clip, step, zero. Every micro-batch's loss is divided by the normalisers of
+    its whole window, so the step is the same however the window is split. `.item()` only on log steps.
+
+    `model` is the uncompiled module (its parameters are clipped and saved), `fwd` what dist.wrap made of it
+    (the forwards run through it). Under torchrun the windows are global (see plan_windows) and each rank runs
+    its share of every window (dist.share_window); the normalisers still come from the whole window (every
+    rank knows every sample's length: no communication), and the logged sums are added over ranks."""
+    total = len(stage.windows)
     t0, n_tok = time.time(), 0
-    if stop_after is None:
-        stop_after = getattr(args, "stop_after", None)
-    for step in range(start_step, total):
+    for step in range(start, total):
         lr = lr_at(step, total, args.lr, args.lr_schedule, args.warmup_steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        norm = norm_fn(windows[step])
-        # Every rank runs the same number of forward/backward passes (DDP and FSDP pair their collectives up):
-        # a rank short of a micro-batch in a window's tail re-runs one with its loss and metrics times 0.
-        todo = share(windows[step], lockstep=n_ranks > 1)
-        sums: dict[str, torch.Tensor] = {}
-        for i, (mb, real) in enumerate(todo):
-            batch = batch_fn(mb)
-            with _grad_sync(fwd, model, sync=i + 1 == len(todo)):
-                with amp:
-                    loss, metrics = loss_fn(fwd, batch, norm)
-                if n_ranks > 1:
-                    # DDP and FSDP AVERAGE gradients over ranks, but each rank's loss is its part of the
-                    # window's mean, and the step needs their SUM: scale by the world size (exact for 2^k).
-                    loss = loss * (n_ranks if real else 0.0)
-                loss.backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + (v.detach() if real else 0 * v.detach())
-            n_tok += int(batch["attention_mask"].sum()) if real and "attention_mask" in batch else 0
+        sums, tokens = accumulate(model, fwd, stage, stage.windows[step], device)
+        n_tok += tokens
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    args.grad_clip if args.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last = step + 1 == total or step + 1 == stop_after
+        last = step + 1 in (total, stage.stop_after)
         if (step + 1) % args.log_every == 0 or last:
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP; the same global norm on every rank
-                grad_norm = grad_norm.full_tensor()
-            keys = list(sums)
-            vals = _sum_over_ranks([float(sums[k]) for k in keys] + [n_tok], device)
-            dt = time.time() - t0
-            row = {"stage": tag, "step": step + 1, "steps": total, "lr": lr, "grad_norm": float(grad_norm),
-                   **dict(zip(keys, vals)), "tok_per_s": vals[-1] / max(dt, 1e-9)}
-            if log is not None:
-                log(row)
+            grad_norm = float(dist.full_tensor(grad_norm))  # a DTensor under FSDP: the same global norm on every rank
+            totals = dist.sum_over_ranks({**{k: float(v) for k, v in sums.items()}, "tok_per_s": n_tok}, device)
+            totals["tok_per_s"] /= max(time.time() - t0, 1e-9)
+            stage.log({"stage": stage.tag, "step": step + 1, "steps": total, "lr": lr, "grad_norm": grad_norm,
+                       **totals})
             t0, n_tok = time.time(), 0
-        if save is not None and (last or (args.save_every and (step + 1) % args.save_every == 0)):
-            save(step + 1)
-        if step + 1 == stop_after:
+        if last or (args.save_every and (step + 1) % args.save_every == 0):
+            stage.save(step + 1)
+        if last:
             return step + 1
     return total
+
+
+def accumulate(model: Llama, fwd, stage: Stage, window: list, device) -> tuple[dict, int]:
+    """Forward and backward over this process's micro-batches of one window (all of them with one process),
+    the gradients adding up in .grad. Returns the metrics summed over the micro-batches and the tokens seen."""
+    norm = stage.norm_fn(window)
+    mine = dist.share_window(window)
+    sums, n_tok = {}, 0
+    for i, (mb, real) in enumerate(mine):
+        batch = stage.batch_fn(mb)
+        with dist.grad_sync(fwd, model, last=i + 1 == len(mine)):
+            with autocast(device):
+                loss, metrics = stage.loss_fn(fwd, batch, norm)
+            dist.backward(loss, real)
+        for k, v in metrics.items():  # a filler's metrics count 0, but every rank must hold the same keys
+            sums[k] = sums.get(k, 0) + (v.detach() if real else 0 * v.detach())
+        if real and "attention_mask" in batch:
+            n_tok += int(batch["attention_mask"].sum())
+    return sums, n_tok
 
 
 # --------------------------------------------------------------------------------- samples, stages
@@ -364,6 +187,33 @@ class Seq:
     def __init__(self, ids: list[int], labels: list[int]):
         self.ids, self.labels = ids, labels
         self.n_targets = sum(1 for t in labels[1:] if t != data.IGNORE_INDEX)
+
+
+def encode_seqs(tok, rows, fmt: str, max_len: int) -> tuple[list[Seq], int]:
+    """Training sequences from rows: teacher rows masked to the response, {"text"} rows whole; and how many
+    were cut to max_len."""
+    pairs, cut = data.encode_rows(tok, rows, fmt, max_len)
+    return [Seq(ids, labels) for ids, labels in pairs], cut
+
+
+def teacher_rows(path) -> list[dict]:
+    """The usable teacher responses of a file (finished, non-empty); none at all is an error."""
+    rows = data.read_teacher(path)
+    if not rows:
+        fail(f"{path}: no usable teacher responses")
+    return rows
+
+
+def tokenizer_and_format(args, model_dir: str):
+    """The tokenizer (--tokenizer, else model_dir's) and the chat format (--format, else model_dir's, else
+    plain for a named size)."""
+    src = args.tokenizer or model_dir
+    try:
+        tok = data.load_tokenizer(src)
+    except Exception as e:  # tokenizers raises plain Exceptions for bad files, OSError for missing ones
+        fail(f"{src}: cannot load a tokenizer ({e}); pass --tokenizer for a named size")
+    fmt = args.format or (data.guess_format(model_dir) if Path(model_dir).is_dir() else "plain")
+    return tok, fmt
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float = 1e-5, batch_size: int = 16):
@@ -407,8 +257,7 @@ def add_eval_args(p, when: str, budget: str = "generation budget for evaluation"
 
 def batch_fn_for(samples: list[Seq], pad_id: int, device):
     def batch_fn(idx):
-        b = data.collate([(samples[i].ids, samples[i].labels) for i in idx], pad_id)
-        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        return data.collate([(samples[i].ids, samples[i].labels) for i in idx], pad_id, device)
     return batch_fn
 
 
@@ -420,15 +269,15 @@ def check_fresh_or_resume(out_dir: Path, resume: bool):
     return ck if resume else None
 
 
-def train_stage(model: Llama, samples: list[Seq], loss_fn, norm_fn, args, tok, device, tag: str,
-                batch_fn=None, log=None) -> bool:
-    """Plan, resume, run and save one single-pass stage (SFT, pretraining, distillation). Returns True when
-    the stage finished (False when --stop-after cut it short)."""
+def train_stage(model: Llama, samples: list[Seq], loss_fn, args, tok, device, tag: str, batch_fn=None) -> bool:
+    """Plan, resume, run and save one single-pass stage (SFT, pretraining, distillation) whose loss is
+    normalised by the window's response tokens (nll_window_norm). batch_fn defaults to collating the samples.
+    Returns True when the stage finished (False when --stop-after cut it short)."""
     out = Path(args.out)
     ck = check_fresh_or_resume(out, args.resume)
-    window = args.batch_size * args.grad_accum * world()
-    windows = plan_windows([len(s.ids) for s in samples], args.batch_size, args.grad_accum * world(), args.epochs,
-                           args.seed)
+    window = args.batch_size * args.grad_accum * dist.n_ranks()
+    windows = plan_windows([len(s.ids) for s in samples], args.batch_size, args.grad_accum * dist.n_ranks(),
+                           args.epochs, args.seed)
     st = None
     if ck is not None:
         st = load_train_state(ck)
@@ -436,24 +285,22 @@ def train_stage(model: Llama, samples: list[Seq], loss_fn, norm_fn, args, tok, d
             fail(f"{ck}: checkpoint of stage {st.get('stage')!r}, this run is {tag!r}")
         check_window(st, window, ck)
         restore_weights(model, ck)
-    fwd = distribute(model, args, device)
+    fwd = dist.wrap(model, args, device)
     opt = make_optimizer(model, args.lr, args.weight_decay, device)
     start = 0
     if st is not None:
-        load_optimizer_state(model, opt, st, ck)
+        dist.load_optimizer_state(model, opt, st, ck)
         set_rng_state(st["rng"])
         start = st["step"]
-        if is_main():
-            print(f"resumed {tag} from {ck} at step {start}/{len(windows)}", flush=True)
-    log = log or MetricsLog(out, resume_from={"stage": tag, "step": start} if ck else None, quiet=args.quiet)
-    batch_fn = batch_fn or batch_fn_for(samples, data.special_ids(tok)["pad"], device)
+        dist.print0(f"resumed {tag} from {ck} at step {start}/{len(windows)}")
+    log = MetricsLog(out, resume_from={"stage": tag, "step": start} if ck else None, quiet=args.quiet)
 
     def save(step):
         save_checkpoint(out / "checkpoint", model, opt, tok, {"stage": tag, "step": step, "window": window})
 
-    done = fit(model, fwd, opt, windows, batch_fn, loss_fn, norm_fn, args, device=device, start_step=start,
-               log=log, save=save, tag=tag)
-    if done < len(windows):
+    stage = Stage(tag, windows, batch_fn or batch_fn_for(samples, data.special_ids(tok)["pad"], device),
+                  nll_window_norm(samples), loss_fn, log, save, stop_after=args.stop_after)
+    if fit(model, fwd, opt, stage, args, device, start) < len(windows):
         return False
     save_model(model, out, tok)
     return True
@@ -479,7 +326,7 @@ def nll_window_norm(samples):
 
 def nll_sum(fwd, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of -log p over the label tokens of a batch, and their count (both fp32 scalars)."""
-    mask = batch["labels"][:, 1:] != data.IGNORE_INDEX
+    mask = data.response_mask(batch["labels"])
     lp = token_logprobs(fwd, batch["input_ids"], batch["attention_mask"], mask=mask)
     return -(lp * mask).sum(), mask.sum().float()
 
@@ -515,88 +362,38 @@ def save_checkpoint(ckpt: Path, model: Llama, opt, tok, state: dict):
     LoRA is on, tokenizer.json, and train_state.pt (optimizer, RNG, step, data position, stage state) —
     under a temporary name, then swap it in. A kill at any moment leaves `ckpt` or `ckpt.old` whole.
 
-    Under torchrun every rank calls it and rank 0 writes. FSDP gathers the full weights and the full optimizer
-    state (keyed by parameter name) to rank 0 first, so the checkpoint is the same HF directory as on one
+    Every rank calls it and rank 0 writes. Under FSDP the full optimizer state (keyed by parameter name) and
+    the full weights are gathered to rank 0 first, so the checkpoint is the same HF directory as on one
     device and resumes at any number of ranks."""
+    osd = dist.optimizer_state(model, opt)
+    dist.on_main(lambda plain: _write_checkpoint(Path(ckpt), plain, tok, {**state, **osd, "rng": rng_state()}),
+                 model, device="cpu")
+
+
+def _write_checkpoint(ckpt: Path, plain: Llama, tok, train_state: dict):
     from safetensors.torch import save_file
-    plain = gathered(model)
-    osd = optimizer_state(model, opt) if opt is not None else None
-    if is_main():
-        ckpt = Path(ckpt)
-        tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        data.save_tokenizer(tok, tmp)
-        adapters = lora_state_dict(plain)
-        if adapters:
-            save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
-        layout = {"optimizer_layout": "fsdp-full"} if is_fsdp(model) else {}
-        torch.save({**state, **layout, "optimizer": osd, "rng": rng_state()}, tmp / "train_state.pt")
-        _fsync_dir(tmp)
-        if ckpt.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
+    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    data.save_tokenizer(tok, tmp)
+    adapters = lora_state_dict(plain)
+    if adapters:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
+    torch.save(train_state, tmp / "train_state.pt")
+    _fsync_dir(tmp)
+    if ckpt.exists():
         shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model: Llama, path: Path, tok):
-    """The HF-layout model and tokenizer.json, written by rank 0 (every rank calls it: FSDP gathers)."""
-    plain = gathered(model)
-    if plain is not None:
+    """The HF-layout model and tokenizer.json (every rank calls it: FSDP gathers; rank 0 writes)."""
+    def write(plain):
         plain.save_pretrained(path)
         data.save_tokenizer(tok, path)
-    barrier()
-
-
-def gathered(model: Llama, device="cpu") -> Llama | None:
-    """The model as one ordinary Llama on rank 0 (None on the other ranks): the model itself with one process
-    or DDP (every rank holds it whole), or under FSDP a copy on `device` built from the full state dict, which
-    every rank must call for (the gather is a collective)."""
-    if not is_fsdp(model):
-        return model if is_main() else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    reshard(model)
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not is_main():
-        return None
-    with torch.device("meta"):
-        copy = Llama(model.cfg)
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):  # the same adapters, so save_pretrained merges them the same way
-            parent, _, attr = name.rpartition(".")
-            r = mod.lora_A.shape[0]
-            setattr(copy.get_submodule(parent), attr, LoRALinear(copy.get_submodule(name), r, mod.scale * r))
-    copy.load_state_dict(sd, assign=True)
-    if model.cfg.tie_word_embeddings:
-        copy.lm_head.weight = copy.model.embed_tokens.weight
-    copy.inv_freq = rope_inv_freq(model.cfg)
-    return copy.to(device)
-
-
-def optimizer_state(model: Llama, opt) -> dict | None:
-    """opt.state_dict() (replicated under DDP, rank 0's is saved), or under FSDP the full state keyed by
-    parameter name, gathered to rank 0 (None elsewhere)."""
-    if not is_fsdp(model):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return osd if is_main() else None
-
-
-def load_optimizer_state(model: Llama, opt, st: dict, ck: Path):
-    """The inverse of optimizer_state; the two layouts do not mix, and a mismatch is one line."""
-    fsdp_ck = st.get("optimizer_layout") == "fsdp-full"
-    if fsdp_ck != is_fsdp(model):
-        fail(f"{ck}: written {'under' if fsdp_ck else 'without'} --dist fsdp; resume it "
-             f"{'under' if fsdp_ck else 'without'} --dist fsdp too")
-    if not fsdp_ck:
-        opt.load_state_dict(st["optimizer"])
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, st["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    dist.on_main(write, model, device="cpu")
 
 
 def find_checkpoint(ckpt: Path) -> Path | None:
@@ -631,15 +428,11 @@ def restore_weights(model: Llama, ckpt: Path):
             p.copy_(q)
 
 
-def fsync_file(path: Path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(d: Path):
     for f in Path(d).iterdir():
         if f.is_file():
-            fsync_file(f)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 class MetricsLog:
@@ -649,7 +442,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resume_from: dict | None = None, quiet: bool = False):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.quiet = quiet
-        self.on = is_main()  # under torchrun only rank 0 writes (the rows already hold sums over ranks)
+        self.on = dist.is_main()  # under torchrun only rank 0 writes (the rows already hold sums over ranks)
         if not self.on:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -690,10 +483,10 @@ def _is_after(row: dict, pos: dict) -> bool:
 
 
 def write_args(out_dir: Path, args, extra: dict | None = None):
-    if not is_main():
+    if not dist.is_main():
         return
     d = {k: v for k, v in vars(args).items() if not callable(v)}
-    d["world_size"] = world()
+    d["world_size"] = dist.n_ranks()
     data.atomic_write_text(Path(out_dir) / "args.json", json.dumps({**d, **(extra or {})}, indent=2, default=str) + "\n")
 
 
@@ -708,12 +501,11 @@ def evaluate(model: Llama, tok, rows: list[dict], fmt: str, batch_size: int = 64
     was_training = model.training
     model.eval()
     prompts = [data.encode_prompt(tok, data.messages_of(r), fmt) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     stop, pad = data.stop_ids(tok, fmt), data.special_ids(tok)["pad"]
     outputs = [""] * len(rows)
     with autocast(model.device):
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            idx = order[s:s + batch_size]
+        for idx in tqdm(data.length_batches([len(p) for p in prompts], batch_size), desc=desc, disable=not progress,
+                        leave=False):
             new = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_id=stop, pad_id=pad)
             for i, toks in zip(idx, new):
                 outputs[i] = tok.decode(toks)
@@ -721,6 +513,18 @@ def evaluate(model: Llama, tok, rows: list[dict], fmt: str, batch_size: int = 64
     correct = [data.is_correct(o, r["answer"]) for o, r in zip(outputs, rows)]
     return {"accuracy": sum(correct) / max(1, len(rows)), "correct": sum(correct), "n": len(rows),
             "outputs": outputs}
+
+
+def report_eval(model: Llama, tok, fmt: str, args, out: Path, row: dict):
+    """Accuracy on --eval after a stage, by greedy generation: logged with `row` and written to out/eval.json.
+    Rank 0 evaluates the whole model (gathered under FSDP) while the others wait; returns None on them."""
+    def measure(m):
+        rows = data.read_prompts(args.eval)[: args.eval_limit or None]
+        res = evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens, desc=f"eval {row.get('stage', '')}")
+        MetricsLog(out, quiet=args.quiet)({**row, "eval_accuracy": res["accuracy"], "eval_n": res["n"]})
+        data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": res["accuracy"], "n": res["n"]}) + "\n")
+        return res["accuracy"]
+    return dist.on_main(measure, model)
 
 
 @torch.no_grad()
@@ -734,8 +538,8 @@ def top1_agreement(model: Llama, tok, rows: list[dict], fmt: str, max_len: int, 
     hit = tot = 0
     with autocast(model.device):
         for s in range(0, len(pairs), batch_size):
-            b = {k: v.to(model.device) for k, v in data.collate(pairs[s:s + batch_size], pad).items()}
-            mask = b["labels"][:, 1:] != data.IGNORE_INDEX
+            b = data.collate(pairs[s:s + batch_size], pad, model.device)
+            mask = data.response_mask(b["labels"])
             h = model(b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)[:, :-1][mask]
             pred = model.lm_head(h).argmax(-1)
             hit += int((pred == b["input_ids"][:, 1:][mask]).sum())
