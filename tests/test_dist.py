@@ -7,32 +7,24 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 import data
 import distill
 import proxy_align
 from model import Config, Llama
-from conftest import write_world
+from conftest import free_port, metric_rows, weights, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script, *argv, nproc=2) -> int:
@@ -77,15 +69,6 @@ def world(tmp_path_factory):
     assert distill.main(map(str, ["cache", "--proxy", d / "kd_proxy", "--data", d / "D_s.jsonl", "--out", d / "cache",
                                   "--topk", "4", "--device", "cpu", "--quiet"])) == 0
     return d
-
-
-def weights(path):
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def metric_rows(path, stage):
-    rows = map(json.loads, (Path(path) / "metrics.jsonl").read_text().splitlines())
-    return [r for r in rows if r.get("stage") == stage]
 
 
 def assert_same_run(one, two, stage, keys, lr):
