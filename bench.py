@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import sys
@@ -274,7 +275,7 @@ def decode_rows(r):
 
 # ---------------------------------------------------------------------------------------- kdloss
 
-def naive_kd_token_losses(h, weight, targets, topk_logits=None, topk_ids=None, proxy_h=None, proxy_weight=None):
+def naive_kd_token_losses(h, weight, targets, topk_logits=None, topk_ids=None, proxy_h=None, proxy_head=None):
     """The textbook loss that distill.kd_token_losses replaces: whole [N, V] logits at once, in fp32, with
     autograd keeping every intermediate for backward. Same math, same outputs (nll [N], kl [N])."""
     logq = F.linear(h, weight).float().log_softmax(-1)  # [N, V] fp32, and its bf16/fp32 logits before it
@@ -284,7 +285,7 @@ def naive_kd_token_losses(h, weight, targets, topk_logits=None, topk_ids=None, p
         kl = F.kl_div(logq.gather(-1, topk_ids.long()), logp, log_target=True, reduction="none").sum(-1)
     else:
         with torch.no_grad():
-            logp = F.linear(proxy_h, proxy_weight).float().log_softmax(-1)  # [N, V] fp32, the proxy's
+            logp = F.linear(proxy_h, proxy_head).float().log_softmax(-1)  # [N, V] fp32, the proxy's
         kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # [N, V] before the sum
     return nll, kl
 
@@ -309,8 +310,8 @@ def bench_kdloss(cfg: Config, args, device) -> dict:
     topk_logits, topk_ids = F.linear(proxy_h, proxy_weight).topk(TOPK, dim=-1)  # [N, k] each
     alpha, amp = 100.0, train.autocast(device)
     modes = {"topk": {"topk_logits": topk_logits, "topk_ids": topk_ids},
-             "full": {"proxy_h": proxy_h, "proxy_weight": proxy_weight}}
-    sides = {"ours": lambda **kw: distill.kd_token_losses(h, weight, targets, chunk_tokens=chunk, **kw),
+             "full": {"proxy_h": proxy_h, "proxy_head": proxy_weight}}
+    sides = {"ours": lambda **kw: distill.kd_token_losses(h, weight, targets, chunk_tokens=chunk, **kw)[::2],
              "peer": lambda **kw: naive_kd_token_losses(h, weight, targets, **kw)}
     out = {"tokens": N, "vocab": V, "chunk_tokens": chunk, "k": TOPK,
            "grads_gib": (h.numel() + weight.numel()) * 4 / GiB}  # d/dh and d/dW, allocated by both sides
@@ -321,7 +322,7 @@ def bench_kdloss(cfg: Config, args, device) -> dict:
                 h.grad = weight.grad = None
                 with amp:
                     nll, kl = losses(**kw)
-                    loss = (nll.sum() + alpha * (w * kl).sum()) / N  # distill_loss_fn's sum, one window
+                    loss = (nll.sum() + alpha * (w * kl).sum()) / N  # distill.student_loss, one window, one window
                 loss.backward()
                 return loss.detach()
             out[f"{side}_{mode}_loss"] = float(fwd_bwd())
@@ -366,12 +367,12 @@ def bench_dpo(ours, args, device) -> dict:
     ref = copy.deepcopy(ours).eval().requires_grad_(False)  # π_p^{k-1}: the policy at the round's start
     amp = train.autocast(device)
     ref_c, ref_r = proxy_align.reference_logps(ref, pairs, 0, device, batch_size=P)
-    batch = proxy_align.pair_batch_fn(pairs, ref_c, ref_r, 0, device)(list(range(P)))
+    batch = proxy_align.round_batch_fn(pairs, ref_c, ref_r, 0, device)(list(range(P)))
     norm = proxy_align.pair_window_norm(pairs)([list(range(P))])
-    loss_fn = proxy_align.align_loss_fn(beta=1.0, mode="mean")
+    loss_fn = functools.partial(proxy_align.align_loss, beta=1.0, mode="mean")
     ours.train()
-    fwd = train.maybe_compile(ours, device, args.compile)
-    ref_fwd = train.maybe_compile(ref, device, args.compile)
+    fwd = torch.compile(ours) if args.compile else ours
+    ref_fwd = torch.compile(ref) if args.compile else ref
     opt = train.make_optimizer(ours, lr=1e-5, weight_decay=0.0, device=device)
 
     def step(live: bool):

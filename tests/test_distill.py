@@ -1,6 +1,7 @@
-"""Stage 2: the KL terms against float64 brute force, the chunked loss against the unchunked one (values and
-gradients), the sample weights by hand, the proxy cache round trip and resume, bounded memory of the chunked
-full-vocabulary loss, and the training loop (resume, accumulation, cached vs online KL, refusals)."""
+"""Stage 2: eqs. 7-11 against float64 brute force (the KL with and without the authors' smoothing, the
+student loss with mixed weights), the chunked loss against the unchunked one (values and gradients), the sample
+weights by hand, the proxy cache (fp32 head, round trip, resume), bounded memory of the chunked full-vocabulary
+loss, and the training loop (resume, accumulation, cached vs online KL, refusals)."""
 import json
 import math
 import shutil
@@ -10,21 +11,31 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import cache
 import data
 import distill
-import proxy_align
+import train
 import world as embedded
 from model import Config, Llama, token_logprobs
-from conftest import write_world
+from conftest import metric_rows, weights, write_world
 
 
 # ------------------------------------------------------------------------------------- the KL terms
+
+def topk_kl(s, vals, ids, eps=0.0):
+    """Eq. 10 at w = 1 from student logits s [N, V] and the proxy's top-k: the unweighted KL [N]."""
+    return distill.weighted_kl(s.float().log_softmax(-1), torch.ones(s.shape[0]), vals, ids, eps=eps)[1]
+
+
+def full_kl(s, p, eps=0.0):
+    return distill.weighted_kl(s.float().log_softmax(-1), torch.ones(s.shape[0]), proxy_logits=p, eps=eps)[1]
+
 
 def test_topk_kl_hand_computed():
     # Student uniform over V = 3: log q = -log 3. Proxy top-2 logits (1, 0): p = (e, 1) / (e + 1).
     p0, p1 = math.e / (math.e + 1), 1 / (math.e + 1)
     expected = p0 * math.log(p0) + p1 * math.log(p1) + math.log(3)  # = 0.516409...
-    kl = distill.topk_kl(torch.zeros(1, 3), torch.tensor([[1.0, 0.0]]), torch.tensor([[0, 1]]))
+    kl = topk_kl(torch.zeros(1, 3), torch.tensor([[1.0, 0.0]]), torch.tensor([[0, 1]]))
     assert kl.item() == pytest.approx(expected, abs=1e-6) and expected == pytest.approx(0.516409, abs=1e-6)
 
 
@@ -34,7 +45,7 @@ def test_topk_kl_against_float64_brute_force():
     s = torch.randn(N, V, generator=g) * 3
     proxy = torch.randn(N, V, generator=g) * 3
     vals, ids = proxy.topk(k, dim=-1)
-    got = distill.topk_kl(s, vals, ids)
+    got = topk_kl(s, vals, ids)
     for n in range(N):
         sv = [float(x) for x in s[n].double()]
         log_z = math.log(sum(math.exp(x) for x in sv))  # the student's FULL-vocabulary normaliser
@@ -45,19 +56,81 @@ def test_topk_kl_against_float64_brute_force():
     assert (got >= 0).all()
     # With k = V the top-k KL is the full-vocabulary KL.
     vals, ids = proxy.topk(V, dim=-1)
-    torch.testing.assert_close(distill.topk_kl(s, vals, ids), distill.full_kl(s, proxy), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(topk_kl(s, vals, ids), full_kl(s, proxy), atol=1e-5, rtol=1e-5)
 
 
 def test_full_kl_against_float64_brute_force():
     g = torch.Generator().manual_seed(1)
     s, p = torch.randn(4, 30, generator=g) * 2, torch.randn(4, 30, generator=g) * 2
-    got = distill.full_kl(s, p)
+    got = full_kl(s, p)
     for n in range(4):
         lp = p[n].double() - torch.logsumexp(p[n].double(), 0)
         lq = s[n].double() - torch.logsumexp(s[n].double(), 0)
         ref = sum(math.exp(a) * (a - b) for a, b in zip(lp.tolist(), lq.tolist()))
         assert got[n].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
-    assert distill.full_kl(p, p).abs().max() < 1e-6
+    assert full_kl(p, p).abs().max() < 1e-6
+
+
+def smoothed_kl_float64(p, q, eps):
+    """The authors' smoothing written out in float64: p' = (p + eps) / sum(p + eps), likewise q, then KL(p' || q')."""
+    p = [x + eps for x in p]
+    q = [x + eps for x in q]
+    zp, zq = sum(p), sum(q)
+    return sum(a / zp * (math.log(a / zp) - math.log(b / zq)) for a, b in zip(p, q))
+
+
+def test_smoothed_kl_against_float64(eps=7e-5):
+    g = torch.Generator().manual_seed(4)
+    N, V, k = 5, 1024, 10
+    s, proxy = torch.randn(N, V, generator=g) * 3, torch.randn(N, V, generator=g) * 3
+    vals, ids = proxy.topk(k, dim=-1)
+    got_full, got_topk = full_kl(s, proxy, eps), topk_kl(s, vals, ids, eps)
+    for n in range(N):
+        q = (s[n].double().softmax(0)).tolist()
+        assert got_full[n].item() == pytest.approx(smoothed_kl_float64(proxy[n].double().softmax(0).tolist(), q, eps),
+                                                   rel=1e-4)
+        p_topk = [0.0] * V  # the top-k target, renormalised over its k ids and 0 elsewhere, then smoothed
+        for z, i in zip(vals[n].double().softmax(0).tolist(), ids[n].tolist()):
+            p_topk[i] = z
+        assert got_topk[n].item() == pytest.approx(smoothed_kl_float64(p_topk, q, eps), rel=1e-4)
+    # The smoothing weakens the KL: at V = 1024 the target is 7 % uniform.
+    assert (got_full < full_kl(s, proxy)).all() and (got_topk < topk_kl(s, vals, ids)).all()
+    assert full_kl(proxy, proxy, eps).abs().max() < 1e-6
+
+
+def test_student_loss_against_a_float64_rederivation():
+    """Eq. 11 through the training loop's loss function, on a batch of three samples with different weights and
+    lengths (and padding), against the loss written out in float64 from the student's logits and the proxy's
+    top-k: (sum_t NLL_t + alpha sum_t w_s(t) KL_t) / window tokens, with a window larger than the batch."""
+    V, alpha, n_window = 61, 7.5, 40
+    student = tiny_llama(V, 0)
+    b = random_batch(V, 5)
+    mask = data.response_mask(b["labels"])
+    g = torch.Generator().manual_seed(6)
+    proxy_logits = torch.randn(int(mask.sum()), V, generator=g) * 2
+    vals, ids = proxy_logits.topk(5, dim=-1)
+    w_sample = torch.tensor([0.9, 0.2, 0.55])
+    b["weights"] = w_sample.repeat_interleave(mask.sum(-1))
+    b["topk_logits"], b["topk_ids"] = vals, ids
+    loss, m = distill.distill_loss(student, b, {"tokens": n_window}, alpha=alpha, chunk_tokens=3)
+    with torch.no_grad():
+        logits = student(b["input_ids"], attention_mask=b["attention_mask"]).double()
+    total, t = 0.0, 0
+    for row in range(3):
+        for pos in range(b["input_ids"].shape[1] - 1):
+            if not mask[row, pos]:
+                continue
+            logq = logits[row, pos] - torch.logsumexp(logits[row, pos], 0)
+            nll = -float(logq[b["input_ids"][row, pos + 1]])
+            zp = vals[t].double()
+            p = (zp - torch.logsumexp(zp, 0)).exp()
+            kl = float((p * (p.log() - logq[ids[t]])).sum())
+            total += nll + alpha * float(w_sample[row]) * kl
+            t += 1
+    assert t == int(mask.sum()) and len(set(mask.sum(-1).tolist())) == 3
+    assert loss.item() == pytest.approx(total / n_window, rel=1e-5)
+    assert m["loss"].item() == pytest.approx(m["nll"].item() + alpha * m["wkl"].item(), rel=1e-5)
+    assert m["wkl"].item() < m["kl"].item()  # weights below 1 shrink the KL term
 
 
 def test_sample_weights_by_hand():
@@ -97,7 +170,8 @@ def test_chunked_loss_equals_unchunked_values_and_grads(mode):
     V = 97
     student, proxy = tiny_llama(V, 0), tiny_llama(V, 1, hidden=48).requires_grad_(False)
     b = random_batch(V, 2)
-    mask, targets = distill.response_positions(b)
+    mask = data.response_mask(b["labels"])
+    targets = b["input_ids"][:, 1:][mask]
     with torch.no_grad():
         p_logits = proxy(b["input_ids"], attention_mask=b["attention_mask"])[:, :-1][mask]
         p_h = proxy(b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)[:, :-1][mask]
@@ -107,15 +181,16 @@ def test_chunked_loss_equals_unchunked_values_and_grads(mode):
     def reference():  # the whole [N, V] at once
         s = student(b["input_ids"], attention_mask=b["attention_mask"])[:, :-1][mask]
         nll = F.cross_entropy(s, targets, reduction="none")
-        kl = {"topk": lambda: distill.topk_kl(s, vals, ids), "full": lambda: distill.full_kl(s, p_logits),
+        kl = {"topk": lambda: topk_kl(s, vals, ids), "full": lambda: full_kl(s, p_logits),
               "nll": lambda: torch.zeros_like(nll)}[mode]()
         return nll, kl
 
     def chunked(chunk):
         h = student(b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)[:, :-1][mask]
-        kw = {"topk": dict(topk_logits=vals, topk_ids=ids), "full": dict(proxy_h=p_h, proxy_weight=proxy.lm_head.weight),
+        kw = {"topk": dict(topk_logits=vals, topk_ids=ids), "full": dict(proxy_h=p_h, proxy_head=proxy.lm_head.weight),
               "nll": {}}[mode]
-        return distill.kd_token_losses(h, student.lm_head.weight, targets, chunk_tokens=chunk, **kw)
+        nll, _, kl = distill.kd_token_losses(h, student.lm_head.weight, targets, chunk_tokens=chunk, **kw)
+        return nll, kl
 
     results = []
     for fn in (reference, lambda: chunked(4), lambda: chunked(1000)):
@@ -154,7 +229,7 @@ def test_chunked_full_vocab_loss_peak_memory_is_bounded():
 
         def step():
             h = h0.clone().requires_grad_(True)
-            nll, kl = distill.kd_token_losses(h, W, targets, proxy_h=hp, proxy_weight=Wp, chunk_tokens=chunk)
+            nll, _, kl = distill.kd_token_losses(h, W, targets, proxy_h=hp, proxy_head=Wp, chunk_tokens=chunk)
             (nll.sum() + kl.sum()).backward()
             W.grad = None
         return cpu_peak_bytes(step)
@@ -204,11 +279,11 @@ def cache_dir(world):
 
 
 def test_cache_round_trip_across_shards(world, cache_dir):
-    cache = distill.ProxyCache(cache_dir)
-    assert len(cache.index["shards"]) >= 3 and cache.k == 4
+    pc = cache.ProxyCache(cache_dir)
+    assert len(pc.index["shards"]) >= 3 and pc.k == 4
     tok = data.load_tokenizer(world)
     rows = data.read_teacher(world / "D_s.jsonl")
-    seqs, _ = proxy_align.encode_rows(tok, rows, "plain", 1024)
+    seqs, _ = train.encode_seqs(tok, rows, "plain", 1024)
     proxy = Llama.from_pretrained(world / "proxy")
     for i in range(len(seqs)):  # one sample at a time, no padding: a direct forward
         ids = torch.tensor([seqs[i].ids])
@@ -217,15 +292,15 @@ def test_cache_round_trip_across_shards(world, cache_dir):
             logits = proxy(ids)[:, :-1][mask]
             lp = token_logprobs(proxy, ids, mask=mask)[mask]
         vals, idx = logits.topk(4, dim=-1)
-        got_v, got_i = cache.rows([i])
+        got_v, got_i = pc.rows([i])
         assert got_v.shape == (seqs[i].n_targets, 4)
         torch.testing.assert_close(got_v, vals, atol=1e-5, rtol=1e-5)
         assert torch.equal(got_i, idx)
-        assert cache.mean_logp[i].item() == pytest.approx(lp.mean().item(), abs=1e-5)
+        assert pc.mean_logp[i].item() == pytest.approx(lp.mean().item(), abs=1e-5)
     # Rows of several samples come back concatenated in the order asked (what a batch needs), and a prefix of k.
     order = [31, 2, 17]
-    v, i = cache.rows(order, k=2)
-    parts = [cache.rows([s]) for s in order]
+    v, i = pc.rows(order, k=2)
+    parts = [pc.rows([s]) for s in order]
     assert torch.equal(v, torch.cat([p[0][:, :2] for p in parts]))
     assert torch.equal(i, torch.cat([p[1][:, :2] for p in parts]))
 
@@ -238,17 +313,18 @@ def test_cache_resumes_at_the_first_missing_shard(world, cache_dir, tmp_path):
     (out / "index.json").write_text(json.dumps(index))
     before = {p.name: load_file(str(p)) for p in out.glob("shard-*.safetensors")}
     (out / "shard-00001.safetensors").unlink()
-    (out / "shard-00001.safetensors.tmp").write_bytes(b"torn")
+    torn = out / ".shard-00001.safetensors.tmp99999999"  # a killed writer's temporary (data.atomic_path's name)
+    torn.write_bytes(b"torn")
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
-    with pytest.raises(distill.CacheError, match="unfinished"):
-        distill.ProxyCache(out)
+    with pytest.raises(cache.CacheError, match="unfinished"):
+        cache.ProxyCache(out)
     assert run(*cache_args(world, out, "--shard-tokens", "700")) == 0
     for name, tensors in before.items():
         again = load_file(str(out / name))  # the rewritten shard is identical
         assert all(torch.equal(again[k], tensors[k]) for k in tensors) and again.keys() == tensors.keys(), name
         if name != "shard-00001.safetensors":
             assert (out / name).stat().st_mtime_ns == mtimes[name], name  # the others were not redone
-    assert not (out / "shard-00001.safetensors.tmp").exists()
+    assert sorted(out.glob(".*.tmp*")) == [torn]  # only the dead writer's temporary, never read; none of ours
     with pytest.raises(SystemExit):  # other settings never overwrite a cache
         run(*cache_args(world, out, "--shard-tokens", "700", "--topk", "3"))
 
@@ -258,14 +334,6 @@ def test_cache_resumes_at_the_first_missing_shard(world, cache_dir, tmp_path):
 def train_args(world, out, method, *extra):
     return ["train", "--method", method, "--init", "toy", "--tokenizer", world, "--data", world / "D_s.jsonl",
             "--out", out, "--lr", "3e-3", "--device", "cpu", "--quiet", "--seed", "1", "--log-every", "1", *extra]
-
-
-def weights(path):
-    return load_file(str(path / "model.safetensors"))
-
-
-def metric_rows(path, stage):
-    return [r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if r.get("stage") == stage]
 
 
 def test_resume_is_bitwise_identical(world, cache_dir, tmp_path):
@@ -282,7 +350,7 @@ def test_resume_is_bitwise_identical(world, cache_dir, tmp_path):
     assert losses(lc) == losses(lf)
     # The weight distribution is logged once, at the start, and matches the formula over the cache.
     (wrow,) = metric_rows(tmp_path / "cut", "weights")
-    w = distill.sample_weights(distill.ProxyCache(cache_dir).mean_logp, 0.4)
+    w = distill.sample_weights(cache.ProxyCache(cache_dir).mean_logp, 0.4)
     assert wrow["mean"] == pytest.approx(float(w.mean())) and sum(wrow["hist"]) == 40 and wrow["gamma"] == 0.4
     assert 0 < wrow["min"] < 0.5 < wrow["max"] < 1
 
@@ -325,7 +393,9 @@ def test_blackbox_needs_no_proxy_and_reports_eval(world, tmp_path):
     assert len(rows) == 5 and "kl" not in rows[-1] and rows[-1]["nll"] > 0
     assert "eval_accuracy" in metric_rows(out, "distill")[-1]
     assert not metric_rows(out, "weights")
-    assert 0 <= json.loads((out / "eval.json").read_text())["accuracy"] <= 1
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 4 and ev["accuracy"] * 4 == round(ev["accuracy"] * 4)  # scored over all 4 eval problems
+    assert ev["accuracy"] == metric_rows(out, "distill")[-1]["eval_accuracy"]
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
@@ -333,7 +403,7 @@ def test_refusals(world, cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run("--help")
     assert e.value.code == 0
-    for method in ("proxykd", "whitebox", "proxykd-noweight"):  # a method that needs a proxy, without one
+    for method in ("proxykd", "kd"):  # a method that needs a proxy, without one
         with pytest.raises(SystemExit) as e:
             run(*train_args(world, tmp_path / "x", method))
         assert e.value.code != 0 and "--cache" in capsys.readouterr().err
@@ -366,24 +436,61 @@ def test_cached_row_counts_must_match_the_samples(world, cache_dir):
     """Sequences encoded another way (here: cut to 48 tokens) do not fit the cache: one line naming the sample."""
     tok = data.load_tokenizer(world)
     rows = data.read_teacher(world / "D_s.jsonl")
-    seqs, cut = proxy_align.encode_rows(tok, rows, "plain", 48)
+    seqs, cut = train.encode_seqs(tok, rows, "plain", 48)
     assert cut
-    cache = distill.ProxyCache(cache_dir)
-    with pytest.raises(distill.CacheError, match=r"sample \d+ \(id .*cached positions"):
-        cache.check(rows, seqs, tok, "plain", 1024, tok.get_vocab_size(), None, 4)
-    with pytest.raises(distill.CacheError, match="samples"):
-        cache.check(rows[:-1], seqs[:-1], tok, "plain", 1024, tok.get_vocab_size(), None, 4)
-    with pytest.raises(distill.CacheError, match="embedding"):
-        cache.check(rows, seqs, tok, "plain", 1024, tok.get_vocab_size() + 64, None, 4)
+    pc = cache.ProxyCache(cache_dir)
+    with pytest.raises(cache.CacheError, match=r"sample \d+ \(id .*cached positions"):
+        pc.check(rows, seqs, tok, "plain", 1024, tok.get_vocab_size(), None, 4)
+    with pytest.raises(cache.CacheError, match="samples"):
+        pc.check(rows[:-1], seqs[:-1], tok, "plain", 1024, tok.get_vocab_size(), None, 4)
+    with pytest.raises(cache.CacheError, match="embedding"):
+        pc.check(rows, seqs, tok, "plain", 1024, tok.get_vocab_size() + 64, None, 4)
 
 
-def test_unweighted_methods_use_unit_weights(world, cache_dir, tmp_path):
-    for method in ("whitebox", "proxykd-noweight"):
-        out = tmp_path / method
-        assert run(*train_args(world, out, method, "--cache", cache_dir, "--topk", "4", "--batch-size", "8",
-                               "--stop-after", "2")) == 3
-        for r in metric_rows(out, "distill"):
-            assert r["w"] == pytest.approx(1.0) and r["wkl"] == pytest.approx(r["kl"]) and r["kl"] > 0
-            assert r["loss"] == pytest.approx(r["nll"] + 100 * r["kl"], rel=1e-5)
-        (wrow,) = metric_rows(out, "weights")
-        assert wrow["min"] == wrow["max"] == 1.0 and wrow["method"] == method
+def test_kd_method_uses_unit_weights(world, cache_dir, tmp_path):
+    out = tmp_path / "kd"
+    assert run(*train_args(world, out, "kd", "--cache", cache_dir, "--topk", "4", "--batch-size", "8",
+                           "--stop-after", "2")) == 3
+    for r in metric_rows(out, "distill"):
+        assert r["w"] == pytest.approx(1.0) and r["wkl"] == pytest.approx(r["kl"]) and r["kl"] > 0
+    (wrow,) = metric_rows(out, "weights")
+    assert wrow["min"] == wrow["max"] == 1.0 and wrow["method"] == "kd"
+
+
+def test_kl_eps_weakens_the_kl_term(world, cache_dir, tmp_path):
+    """--kl-eps smooths both distributions: the same first step logs a smaller KL (V ~ 400 here: 3 % uniform)."""
+    common = ["--cache", cache_dir, "--topk", "4", "--batch-size", "8", "--stop-after", "1"]
+    assert run(*train_args(world, tmp_path / "plain", "kd", *common)) == 3
+    assert run(*train_args(world, tmp_path / "eps", "kd", *common, "--kl-eps", "7e-5")) == 3
+    (a,), (b,) = metric_rows(tmp_path / "plain", "distill"), metric_rows(tmp_path / "eps", "distill")
+    assert a["nll"] == b["nll"] and 0 < b["kl"] < a["kl"]
+
+
+def test_cache_head_is_fp32_for_bf16_weights(world):
+    """A bf16 proxy (as on CUDA): the cached logits are the fp32 product of its hidden states and its head, not the
+    bf16 one (which rounds a logit of 16 by up to 1/16)."""
+    tok = data.load_tokenizer(world)
+    proxy = Llama.from_pretrained(world / "proxy", dtype=torch.bfloat16).eval()
+    seqs, _ = train.encode_seqs(tok, data.read_teacher(world / "D_s.jsonl")[:4], "plain", 1024)
+    b = data.collate([(s.ids, s.labels) for s in seqs], data.special_ids(tok)["pad"])
+    vals, ids, lp, counts = cache.proxy_token_stats(proxy, b, 4)
+    mask = data.response_mask(b["labels"])
+    with torch.no_grad():
+        h = proxy(b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)[:, :-1][mask]
+    fp32 = h.float() @ proxy.lm_head.weight.float().T
+    assert vals.dtype == torch.float32
+    torch.testing.assert_close(vals, fp32.topk(4, dim=-1).values, atol=1e-5, rtol=1e-5)
+    bf16 = (h @ proxy.lm_head.weight.T).float().topk(4, dim=-1).values
+    assert (bf16 - vals).abs().max() > 0  # the bf16 head would have stored other numbers
+
+
+def test_chunk_tokens_must_be_positive(world, cache_dir, tmp_path, capsys):
+    for cmd in (train_args(world, tmp_path / "x", "kd", "--cache", cache_dir, "--chunk-tokens", "0"),
+                cache_args(world, tmp_path / "c", "--chunk-tokens", "0")):
+        with pytest.raises(SystemExit) as e:
+            run(*cmd)
+        assert e.value.code == 2 and "--chunk-tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(*train_args(world, tmp_path / "x", "kd", "--cache", cache_dir, "--kl-eps", "-1"))
+    assert "--kl-eps" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
