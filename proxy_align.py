@@ -1,11 +1,14 @@
 """Stage 1 of Proxy-KD: align a white-box proxy to the black-box teacher (paper §3.1).
 
-    sft    warm-up: NLL on the teacher's responses (prompt masked), one epoch over D_w. The same loop
-           pretrains the embedded world's bases on plain text (rows with "text": every token is a target).
-    align  K rounds over chunks of D_p. Round k: sample one response ŷ per prompt from the current proxy
-           (temperature 1.0, top-p 0.8); log-probs of y and ŷ under the proxy as it is at the start of the
-           round (π_p^{k-1}, the DPO reference), computed once and stored; then train on
-           NLL(y) + DPO(chosen = teacher y, rejected = ŷ) with unit weights; save the round's proxy.
+    sft     warm-up: NLL on the teacher's responses (prompt masked), one epoch over D_w. The same loop
+            pretrains the embedded world's bases on plain text (rows with "text": every token is a target).
+    align   K rounds over chunks of D_p. Round k: sample one response ŷ per prompt from the current proxy
+            (temperature 1.0, top-p 0.8); log-probs of y and ŷ under the proxy as it is at the start of the
+            round (π_p^{k-1}, the DPO reference), computed once and stored; then train on
+            L_Proxy = NLL(y) + DPO(chosen = teacher y, rejected = ŷ) (eqs. 3-6 below); save the round's proxy.
+            --no-dpo keeps the same rounds with the NLL alone (the paper's "w/o DPO" ablation).
+    sample  one response per prompt from any model, written as teacher rows: the sequences a white-box teacher
+            generates, for the white-box KD baselines.
 
     python proxy_align.py sft --init tiny-proxy --tokenizer runs/world/tokenizer.json --data corpus.jsonl --out runs/proxy_base
     python proxy_align.py sft --init runs/proxy_base --data runs/x/D_w.jsonl --out runs/x/proxy_sft
@@ -17,38 +20,49 @@ import argparse
 import json
 import random
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import data
+import dist
 import train
-from generate import generate
+from generate import cut_at_stop, generate
 from model import CheckpointError, token_logprobs
 
 
-# ------------------------------------------------------------------------------------------ losses
+# ------------------------------------------------------------------- the paper's equations (pure)
+
+def proxy_nll(chosen_logps, n_tokens):
+    """Eq. 3: L_Proxy-NLL = −Σ_t log π_p(y_t | x, y_<t) over the teacher's response tokens, divided by the
+    response tokens of the optimizer step's window (n_tokens). chosen_logps [B] fp32: each teacher response's
+    summed token log-probs under the proxy -> scalar."""
+    return -chosen_logps.sum() / n_tokens
+
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
-    """DPO (Rafailov et al. 2023, eq. 7; Proxy-KD eq. 3), per example. All inputs [B] fp32 sequence
-    log-probs (summed or length-averaged, as the caller chose).
+    """Eq. 4 (DPO, Rafailov et al. 2023, their eq. 7), per pair. All inputs [B] fp32 sequence log-probs (summed or
+    length-averaged, as the caller chose):
 
-        loss_i = -log σ(β · [(log π(y_i) - log π_ref(y_i)) - (log π(ŷ_i) - log π_ref(ŷ_i))])
+        loss_i = −log σ(β · [(log π(y_i) − log π_ref(y_i)) − (log π(ŷ_i) − log π_ref(ŷ_i))])
 
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are β·(log π - log π_ref),
-    detached: they are for logging (reward accuracy = chosen > rejected, margin = chosen - rejected)."""
+    with y_i the teacher's response (chosen) and ŷ_i the proxy's own sample (rejected). Returns (losses [B],
+    chosen_rewards [B], rejected_rewards [B]); rewards are β·(log π − log π_ref), detached: they are for logging
+    (reward accuracy = chosen > rejected, margin = chosen − rejected)."""
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
-def sequence_logps(fwd, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of response-token log-probs [N], their counts [N], and the per-token log-probs."""
-    mask = batch["labels"][:, 1:] != data.IGNORE_INDEX
-    lp = token_logprobs(fwd, batch["input_ids"], batch["attention_mask"], mask=mask)
-    return (lp * mask).sum(-1), mask.sum(-1).float(), lp
+def proxy_loss(chosen_logps, dpo_losses, n_tokens, n_pairs):
+    """Eq. 6: L_Proxy = L_Proxy-NLL (eq. 3) + L_DPO, where L_DPO (eq. 5) is the expectation of eq. 4 over the
+    pairs: Σ_i loss_i / n_pairs of the window. Unit weights, as in the paper. dpo_losses None: the NLL alone
+    (the "w/o DPO" ablation). -> scalar."""
+    nll = proxy_nll(chosen_logps, n_tokens)
+    return nll if dpo_losses is None else nll + dpo_losses.sum() / n_pairs
 
 
 def reduce_logps(sums, counts, mode: str):
@@ -56,49 +70,33 @@ def reduce_logps(sums, counts, mode: str):
     return sums / counts.clamp(min=1) if mode == "mean" else sums
 
 
-def align_loss_fn(beta: float, mode: str):
-    """loss = NLL(y) / window tokens + Σ DPO_i / window pairs (unit weights, paper eq. 4).
+# ------------------------------------------------------------------------- the loss of one batch
 
-    The batch holds B chosen rows then B rejected rows (one forward for both, as in the DPO reference
-    implementation) plus the stored reference sums/counts of each."""
-    def loss_fn(fwd, batch, norm):
-        sums, counts, _ = sequence_logps(fwd, batch)
-        B = batch["ref_chosen"].shape[0]
-        pol = reduce_logps(sums, counts, mode)
-        ref_c = reduce_logps(batch["ref_chosen"], counts[:B], mode)
-        ref_r = reduce_logps(batch["ref_rejected"], counts[B:], mode)
-        losses, cr, rr = dpo_loss(pol[:B], pol[B:], ref_c, ref_r, beta)
-        nll = -sums[:B].sum() / norm["tokens"]
-        dpo = losses.sum() / norm["pairs"]
-        return nll + dpo, {"nll": nll, "dpo": dpo, "reward_acc": (cr > rr).float().sum() / norm["pairs"],
-                           "margin": (cr - rr).sum() / norm["pairs"], "chosen_reward": cr.sum() / norm["pairs"],
-                           "rejected_reward": rr.sum() / norm["pairs"]}
-    return loss_fn
+def sequence_logps(fwd, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of response-token log-probs [N] and their counts [N] (fp32)."""
+    mask = data.response_mask(batch["labels"])
+    lp = token_logprobs(fwd, batch["input_ids"], batch["attention_mask"], mask=mask)
+    return (lp * mask).sum(-1), mask.sum(-1).float()
 
 
-# ---------------------------------------------------------------------------------------- data prep
-
-def teacher_rows(path) -> list[dict]:
-    rows = data.read_teacher(path)
-    if not rows:
-        train.fail(f"{path}: no usable teacher responses")
-    return rows
-
-
-def encode_rows(tok, rows, fmt: str, max_len: int) -> tuple[list[train.Seq], int]:
-    """data.encode_rows as training sequences: teacher rows masked to the response, {"text"} rows whole."""
-    pairs, cut = data.encode_rows(tok, rows, fmt, max_len)
-    return [train.Seq(ids, labels) for ids, labels in pairs], cut
-
-
-def load_tok_and_format(args):
-    src = args.tokenizer or args.init
-    try:
-        tok = data.load_tokenizer(src)
-    except Exception as e:  # tokenizers raises plain Exceptions for bad files, OSError for missing ones
-        train.fail(f"{src}: cannot load a tokenizer ({e}); pass --tokenizer for a named --init size")
-    fmt = args.format or (data.guess_format(args.init) if Path(args.init).is_dir() else "plain")
-    return tok, fmt
+def align_loss(fwd, batch, norm, beta: float, mode: str, use_dpo: bool = True):
+    """One micro-batch of eq. 6, as the training loop calls it: (loss, metrics). With DPO the batch holds B chosen
+    rows then B rejected rows (one forward for both, as in the DPO reference implementation) plus the stored
+    reference sums of each ("ref_chosen", "ref_rejected" [B]); without it, the B chosen rows only."""
+    sums, counts = sequence_logps(fwd, batch)
+    if not use_dpo:
+        nll = proxy_nll(sums, norm["tokens"])
+        return nll, {"nll": nll}
+    B = batch["ref_chosen"].shape[0]
+    pol = reduce_logps(sums, counts, mode)
+    ref_c = reduce_logps(batch["ref_chosen"], counts[:B], mode)
+    ref_r = reduce_logps(batch["ref_rejected"], counts[B:], mode)
+    losses, cr, rr = dpo_loss(pol[:B], pol[B:], ref_c, ref_r, beta)
+    loss = proxy_loss(sums[:B], losses, norm["tokens"], norm["pairs"])
+    per_pair = (lambda x: x.sum() / norm["pairs"])
+    return loss, {"nll": proxy_nll(sums[:B], norm["tokens"]), "dpo": per_pair(losses),
+                  "reward_acc": per_pair((cr > rr).float()), "margin": per_pair(cr - rr),
+                  "chosen_reward": per_pair(cr), "rejected_reward": per_pair(rr)}
 
 
 # --------------------------------------------------------------------------------------------- sft
@@ -106,41 +104,83 @@ def load_tok_and_format(args):
 def cmd_sft(args):
     device = train.pick_device(args.device)
     torch.manual_seed(args.seed)
-    tok, fmt = load_tok_and_format(args)
+    tok, fmt = train.tokenizer_and_format(args, args.init)
     rows = data.read_jsonl(args.data)
     if not rows or "response" in rows[0] or "text" not in rows[0]:  # teacher rows, not pretraining text
-        rows = teacher_rows(args.data)
-    seqs, cut = encode_rows(tok, rows, fmt, args.max_len)
-    if cut and train.is_main():
-        print(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}", flush=True)
-    model = train.load_model(args.init, tok, train.build_device(args, device), seed=args.seed,
+        rows = train.teacher_rows(args.data)
+    seqs, cut = train.encode_seqs(tok, rows, fmt, args.max_len)
+    if cut:
+        dist.print0(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}")
+    model = train.load_model(args.init, tok, dist.load_device(args, device), seed=args.seed,
                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     train.write_args(args.out, args, {"format": fmt, "n_samples": len(seqs)})
-    if train.is_main():
-        print(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device "
-              f"{device}" + (f", {train.world()} ranks ({args.dist})" if train.world() > 1 else ""), flush=True)
-    finished = train.train_stage(model, seqs, train.nll_loss_fn, train.nll_window_norm(seqs), args, tok, device, "sft")
+    dist.print0(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device "
+                f"{device}")
+    finished = train.train_stage(model, seqs, train.nll_loss_fn, args, tok, device, "sft")
     if finished and args.eval:
-        report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
+        train.report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
     return 0 if finished else 3
 
 
-def report_eval(model, tok, fmt, args, out: Path, row: dict):
-    """Accuracy by greedy generation, logged and written to eval.json. Under torchrun rank 0 evaluates the whole
-    model (gathered under FSDP) while the others wait; returns None on them."""
-    plain = train.gathered(model, device=model.device)
-    acc = None
-    if plain is not None:
-        rows = data.read_prompts(args.eval)[: args.eval_limit or None]
-        res = train.evaluate(plain, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
-                             desc=f"eval {row.get('stage', '')}")
-        log = train.MetricsLog(out, quiet=args.quiet)
-        log({**row, "eval_accuracy": res["accuracy"], "eval_n": res["n"]})
-        data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": res["accuracy"], "n": res["n"]}) + "\n")
-        acc = res["accuracy"]
-    train.barrier()
-    return acc
+# ------------------------------------------------------------------------------------ sampling
+
+@torch.no_grad()
+def sample_responses(model, tok, rows, fmt, *, temperature: float, top_p: float, seed: int, max_len: int,
+                     batch_size: int) -> list[list[int]]:
+    """One response per prompt, as token ids that end with the stop token the model emitted when it stopped by
+    itself (the chat format's end of turn or the eos, whichever it sampled); a response cut at its budget keeps
+    none. The budget is the room the prompt leaves in max_len, as for the teacher's responses.
+
+    Prompts are batched by length; a batch's seed is `seed` plus the batch's first position in that order, not
+    who runs it, so N ranks draw exactly the samples one process draws (at the same batch_size)."""
+    stop = data.stop_ids(tok, fmt)
+    pad = data.special_ids(tok)["pad"]
+    prompts = [data.encode_prompt(tok, data.messages_of(r), fmt) for r in rows]
+    budgets = [max(1, max_len - len(p)) for p in prompts]
+    batches = data.length_batches([len(p) for p in prompts], batch_size)
+    # Under FSDP every forward is a collective: every batch decodes the longest budget of all (no early stop, the
+    # same number of steps on every rank), cut here at the first stop token. The tokens up to it are the same
+    # either way: each step draws from one generator over all rows, whether or not some rows have stopped.
+    lockstep = dist.lockstep(model)
+
+    def run(job):
+        b, idx = job
+        budget = max(budgets) if lockstep else max(budgets[i] for i in idx)
+        new = generate(model, [prompts[i] for i in idx], budget, temperature=temperature,
+                       top_p=top_p, eos_id=[] if lockstep else stop, pad_id=pad, seed=seed + b, keep_stop=True)
+        if lockstep:
+            new = [cut_at_stop(t, stop, keep_stop=True) for t in new]
+        # A row's own budget may be shorter than its batch's: a response cut there has no stop token.
+        return [t if len(t) <= budgets[i] else t[:budgets[i]] for i, t in zip(idx, new)]
+
+    model.eval()
+    with train.autocast(model.device):
+        results = dist.map_shared(run, [(b * batch_size, idx) for b, idx in enumerate(batches)], model)
+    model.train()
+    out = [None] * len(rows)
+    for idx, toks in zip(batches, results):
+        for i, t in zip(idx, toks):
+            out[i] = t
+    return out
+
+
+def cmd_sample(args):
+    """The `sample` command: a model's own responses to prompts, as teacher rows (finish_reason "stop" when it
+    ended by itself, "length" when cut at its budget)."""
+    device = train.pick_device(args.device)
+    tok, fmt = train.tokenizer_and_format(args, args.init)
+    rows = data.read_prompts(args.data)
+    model = train.load_model(args.init, tok, device, seed=args.seed)
+    toks = sample_responses(model, tok, rows, fmt, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_len=args.max_len, batch_size=args.batch_size)
+    stop = set(data.stop_ids(tok, fmt))
+    out = [{**r, "response": tok.decode([x for x in t if x not in stop]),
+            "finish_reason": "stop" if t and t[-1] in stop else "length"} for r, t in zip(rows, toks)]
+    data.write_jsonl(args.out, out)
+    n_stop = sum(o["finish_reason"] == "stop" for o in out)
+    print(f"sample: {len(out)} responses from {args.init} ({n_stop} ended by themselves) -> {args.out}", flush=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- align
@@ -152,70 +192,31 @@ def round_chunks(rows: list[dict], rounds: int, seed: int) -> list[list[dict]]:
     return [[rows[i] for i in order[k::rounds]] for k in range(rounds)]
 
 
-@torch.no_grad()
-def sample_rejected(model, tok, rows, fmt, args, round_idx: int) -> list[list[int]]:
-    """One response per prompt from the current proxy; token ids plus the end-of-turn token when it stopped
-    by itself (a response cut at the budget keeps no end token).
-
-    Prompts are batched by length; batch b's seed is fixed by the seed, the round and its first position, not
-    by who runs it. Under torchrun rank r samples batches r, r + N, ... and every rank receives all results,
-    so N ranks draw exactly the samples one process draws (at the same --gen-batch-size)."""
-    stop = data.stop_ids(tok, fmt)
-    pad = data.special_ids(tok)["pad"]
-    prompts = [data.encode_prompt(tok, data.messages_of(r), fmt) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    # FSDP all-gathers every block in every forward, so all ranks must run the same number of them: the same
-    # number of batches (train.share's fillers) and no early stop at the end-of-turn token: every batch decodes
-    # the whole budget, cut at the first stop token here. (The tokens up to it are the same either way: each
-    # step draws from one generator over all rows, whether or not some rows have stopped.)
-    fsdp = train.is_fsdp(model)
-    out: dict[int, list[int]] = {}
-    model.eval()
-    with train.autocast(model.device):
-        for s, real in train.share(list(range(0, len(order), args.gen_batch_size)), lockstep=fsdp):
-            idx = order[s:s + args.gen_batch_size]
-            new = generate(model, [prompts[i] for i in idx], args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, eos_id=[] if fsdp else stop, pad_id=pad,
-                           seed=args.seed * 100003 + round_idx * 1009 + s)
-            for i, toks in zip(idx, new if real else []):
-                if fsdp:
-                    toks = toks[:next((j for j, t in enumerate(toks) if t in stop), len(toks))]
-                out[i] = toks + ([stop[0]] if len(toks) < args.max_new_tokens else [])
-    model.train()
-    for part in train.gather_objects(out):
-        out.update(part)
-    return [out[i] for i in range(len(rows))]
-
-
 def build_pairs(tok, rows, rejected_tokens, fmt, max_len):
     """(chosen, rejected) Seq pairs: the same prompt, the teacher's response vs the proxy's sample."""
     pairs = []
     for r, rej in zip(rows, rejected_tokens):
         c_ids, c_lab = data.encode_pair(tok, data.messages_of(r), r["response"], fmt)
         p_ids = data.encode_prompt(tok, data.messages_of(r), fmt)
-        r_ids = p_ids + rej
-        r_lab = [data.IGNORE_INDEX] * len(p_ids) + rej
+        r_ids, r_lab = p_ids + rej, [data.IGNORE_INDEX] * len(p_ids) + rej
         pairs.append((train.Seq(*data.truncate(c_ids, c_lab, max_len)), train.Seq(*data.truncate(r_ids, r_lab, max_len))))
     return pairs
 
 
 @torch.no_grad()
 def reference_logps(model, pairs, pad_id, device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every chosen and rejected sequence under the round's reference. Under
-    torchrun the batches are shared out like sample_rejected's and the results gathered on every rank."""
+    """Summed response log-probs [n] of every chosen and of every rejected sequence under the round's reference."""
     model.eval()
     jobs = [(which, s) for which in (0, 1) for s in range(0, len(pairs), batch_size)]
-    done = {}
+
+    def run(job):
+        which, s = job
+        b = data.collate([(p[which].ids, p[which].labels) for p in pairs[s:s + batch_size]], pad_id, device)
+        return sequence_logps(model, b)[0].float().cpu()
+
     with train.autocast(device):
-        for (which, s), real in train.share(jobs, lockstep=train.is_fsdp(model)):
-            b = {k: v.to(device) for k, v in data.collate([(p[which].ids, p[which].labels)
-                                                           for p in pairs[s:s + batch_size]], pad_id).items()}
-            lp = sequence_logps(model, b)[0].float().cpu()
-            if real:
-                done[(which, s)] = lp
+        done = dict(zip(jobs, dist.map_shared(run, jobs, model)))
     model.train()
-    for part in train.gather_objects(done):
-        done.update(part)
     return tuple(torch.cat([done[(which, s)] for s in range(0, len(pairs), batch_size)]) for which in (0, 1))
 
 
@@ -225,27 +226,31 @@ def save_round_data(rdir: Path, rows, rejected, ref_c, ref_r):
     from safetensors.torch import save_file
     rdir.mkdir(parents=True, exist_ok=True)
     data.write_jsonl(rdir / "rejected.jsonl", [{"id": r["id"], "rejected_ids": t} for r, t in zip(rows, rejected)])
-    tmp = rdir / "ref_logps.safetensors.tmp"
-    save_file({"chosen": ref_c.contiguous(), "rejected": ref_r.contiguous()}, str(tmp))
-    train.fsync_file(tmp)
-    tmp.replace(rdir / "ref_logps.safetensors")
+    with data.atomic_path(rdir / "ref_logps.safetensors") as tmp:
+        save_file({"chosen": ref_c.contiguous(), "rejected": ref_r.contiguous()}, str(tmp))
 
 
-def load_round_data(rdir: Path):
+def load_round_data(rdir: Path, rows):
+    """A round's stored samples and reference, or None; refused when they belong to other rows than this
+    round's chunk (another --seed, --rounds or data)."""
     from safetensors.torch import load_file
     if not (rdir / "ref_logps.safetensors").exists() or not (rdir / "rejected.jsonl").exists():
         return None
-    rej = [r["rejected_ids"] for r in data.read_jsonl(rdir / "rejected.jsonl")]
+    saved = data.read_jsonl(rdir / "rejected.jsonl")
+    if [r["id"] for r in saved] != [r["id"] for r in rows]:
+        raise data.DataError(f"{rdir}/rejected.jsonl: samples for other prompts than this round's chunk of --data "
+                             "(written with another --seed, --rounds or data): resume with the run's own arguments")
     ref = load_file(str(rdir / "ref_logps.safetensors"))
-    return rej, ref["chosen"], ref["rejected"]
+    return [r["rejected_ids"] for r in saved], ref["chosen"], ref["rejected"]
 
 
-def pair_batch_fn(pairs, ref_c, ref_r, pad_id, device):
+def round_batch_fn(pairs, ref_c, ref_r, pad_id, device):
+    """Micro-batches of a round: B chosen rows then, with DPO, their B rejected rows and stored references."""
     def batch_fn(idx):
-        seqs = [(pairs[i][0].ids, pairs[i][0].labels) for i in idx] + [(pairs[i][1].ids, pairs[i][1].labels) for i in idx]
-        b = {k: v.to(device) for k, v in data.collate(seqs, pad_id).items()}
-        b["ref_chosen"] = ref_c[idx].to(device)
-        b["ref_rejected"] = ref_r[idx].to(device)
+        seqs = [pairs[i][0] for i in idx] + ([pairs[i][1] for i in idx] if ref_c is not None else [])
+        b = data.collate([(s.ids, s.labels) for s in seqs], pad_id, device)
+        if ref_c is not None:
+            b["ref_chosen"], b["ref_rejected"] = ref_c[idx].to(device), ref_r[idx].to(device)
         return b
     return batch_fn
 
@@ -257,108 +262,126 @@ def pair_window_norm(pairs):
     return norm
 
 
+def prepare_round(model, tok, chunk, fmt, args, k: int, rdir: Path, resumed: bool, device):
+    """The pairs of round k and their reference log-probs: sampled now from the model, which is π_p^{k}, and
+    scored by it once before any training (rank 0 stores them), or reloaded when a run resumes inside the round.
+    Without DPO: the teacher's responses alone."""
+    pad = data.special_ids(tok)["pad"]
+    if not args.dpo:
+        return [(train.Seq(*data.truncate(*data.encode_pair(tok, data.messages_of(r), r["response"], fmt),
+                                          args.max_len)), None) for r in chunk], None, None
+    saved = load_round_data(rdir, chunk) if resumed else None
+    if saved is not None:
+        rejected, ref_c, ref_r = saved
+        return build_pairs(tok, chunk, rejected, fmt, args.max_len), ref_c, ref_r
+    rejected = sample_responses(model, tok, chunk, fmt, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed * 100003 + k * 1009, max_len=args.max_len,
+                                batch_size=args.gen_batch_size)
+    pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
+    ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
+    if dist.is_main():
+        save_round_data(rdir, chunk, rejected, ref_c, ref_r)
+    return pairs, ref_c, ref_r
+
+
+def resume_state(args, out: Path, window: int):
+    """(checkpoint, its state) to resume from, or (None, None). A resume must take the same rounds over the same
+    chunks: a changed --rounds, --seed or --dpo would pair the stored samples with other rows."""
+    ck = train.check_fresh_or_resume(out, args.resume)
+    if ck is None:
+        return None, None
+    st = train.load_train_state(ck)
+    train.check_window(st, window, ck)
+    for key in ("rounds", "seed", "dpo"):
+        if key in st and st[key] != getattr(args, key):
+            train.fail(f"{ck}: written by a run with --{key} {st[key]}, this one has --{key} {getattr(args, key)}: "
+                       "resume with the run's own arguments, or choose another --out")
+    return ck, st
+
+
 def cmd_align(args):
     device = train.pick_device(args.device)
     out = Path(args.out)
-    tok, fmt = load_tok_and_format(args)
-    pad = data.special_ids(tok)["pad"]
-    rows = teacher_rows(args.data)
-    chunks = round_chunks(rows, args.rounds, args.seed)
-    heldout = teacher_rows(args.heldout)[: args.heldout_limit or None] if args.heldout else None
-    model = train.load_model(args.init, tok, train.build_device(args, device), seed=args.seed,
+    tok, fmt = train.tokenizer_and_format(args, args.init)
+    chunks = round_chunks(train.teacher_rows(args.data), args.rounds, args.seed)
+    heldout = train.teacher_rows(args.heldout)[: args.heldout_limit or None] if args.heldout else None
+    model = train.load_model(args.init, tok, dist.load_device(args, device), seed=args.seed,
                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
-    window = args.batch_size * args.grad_accum * train.world()  # pairs per optimizer step, over all ranks
-    ck = train.check_fresh_or_resume(out, args.resume)
-    start_round, start_step, st, gstep0 = 0, 0, None, 0
+    window = args.batch_size * args.grad_accum * dist.n_ranks()  # pairs per optimizer step, over all ranks
+    ck, st = resume_state(args, out, window)
+    start_round, start_step, gstep0 = (st["round"], st["step"], st["gstep0"]) if st else (0, 0, 0)
     if ck is not None:
-        st = train.load_train_state(ck)
-        train.check_window(st, window, ck)
         train.restore_weights(model, ck)
-        start_round, start_step, gstep0 = st["round"], st["step"], st["gstep0"]
-        if train.is_main():
-            print(f"resumed align from {ck}: round {start_round + 1}/{args.rounds}, step {start_step}", flush=True)
+        dist.print0(f"resumed align from {ck}: round {start_round + 1}/{args.rounds}, step {start_step}")
     out.mkdir(parents=True, exist_ok=True)
     train.write_args(out, args, {"format": fmt})
     log = train.MetricsLog(out, resume_from=None if ck is None else
                            {"round": start_round + 1, "stage": "align", "step": start_step,
                             "stage_order": ["align", "round_end"]}, quiet=args.quiet)
-    fwd = train.distribute(model, args, device)
-    loss_fn = align_loss_fn(args.beta, args.dpo_logp)
+    fwd = dist.wrap(model, args, device)
+    loss_fn = partial(align_loss, beta=args.beta, mode=args.dpo_logp, use_dpo=args.dpo)
     if ck is None and (args.eval or heldout):
         log_round_end(model, tok, fmt, args, heldout, log, 0)  # round 0 = the proxy before alignment
+    fixed = {"stage": "align", "window": window, "rounds": args.rounds, "seed": args.seed, "dpo": args.dpo}
 
     for k in range(start_round, args.rounds):
-        rdir = out / f"round_{k + 1:02d}"
-        chunk = chunks[k]
-        saved = load_round_data(rdir) if (st is not None and k == start_round) else None
-        if saved is None:
-            # The model now is π_p^{k}: sample from it and score both responses with it, once, before training.
-            # Under torchrun each rank does its share of both and every rank gets all of it; rank 0 writes it.
-            rejected = sample_rejected(model, tok, chunk, fmt, args, k)
-            pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
-            ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
-            if train.is_main():
-                save_round_data(rdir, chunk, rejected, ref_c, ref_r)
-        else:
-            rejected, ref_c, ref_r = saved
-            pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
-        windows = train.plan_windows([len(c.ids) + len(r.ids) for c, r in pairs], args.batch_size,
-                                     args.grad_accum * train.world(), args.epochs, args.seed + k)
+        resumed = st is not None and k == start_round
+        pairs, ref_c, ref_r = prepare_round(model, tok, chunks[k], fmt, args, k, out / f"round_{k + 1:02d}", resumed,
+                                            device)
+        windows = train.plan_windows([len(c.ids) + (len(r.ids) if r else 0) for c, r in pairs], args.batch_size,
+                                     args.grad_accum * dist.n_ranks(), args.epochs, args.seed + k)
         opt = train.make_optimizer(model, args.lr, args.weight_decay, device)  # a fresh Adam each round
         step0 = 0
-        if st is not None and k == start_round:
+        if resumed:
             if st.get("optimizer") is not None and start_step > 0:
-                train.load_optimizer_state(model, opt, st, ck)
+                dist.load_optimizer_state(model, opt, st, ck)
             train.set_rng_state(st["rng"])
             step0 = start_step
-        st = None
 
         def save(step, k=k, opt=opt, g=gstep0):
-            train.save_checkpoint(out / "checkpoint", model, opt, tok,
-                                  {"stage": "align", "round": k, "step": step, "gstep0": g, "window": window})
+            train.save_checkpoint(out / "checkpoint", model, opt, tok, {**fixed, "round": k, "step": step, "gstep0": g})
 
         def tagged(row, k=k, g=gstep0):
             log({**row, "round": k + 1, "global_step": g + row["step"]})
 
         # --stop-after counts optimizer steps over all rounds.
         local_stop = args.stop_after - gstep0 if args.stop_after and args.stop_after > gstep0 else None
-        done = train.fit(model, fwd, opt, windows, pair_batch_fn(pairs, ref_c, ref_r, pad, device), loss_fn,
-                         pair_window_norm(pairs), args, device=device, start_step=step0, log=tagged, save=save,
-                         tag="align", stop_after=local_stop)
+        stage = train.Stage("align", windows, round_batch_fn(pairs, ref_c, ref_r, data.special_ids(tok)["pad"], device),
+                            pair_window_norm(pairs), loss_fn, tagged, save, stop_after=local_stop)
+        done = train.fit(model, fwd, opt, stage, args, device, step0)
         if done < len(windows):
             return 3
         gstep0 += len(windows)
-        train.save_model(model, rdir, tok)
-        end = log_round_end(model, tok, fmt, args, heldout, log, k + 1)
-        if k + 1 == args.rounds and "eval_accuracy" in end:
-            data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": end["eval_accuracy"]}) + "\n")
+        finish_round(model, tok, fmt, args, heldout, log, k, out)
         # The next round starts from here: a checkpoint at (k+1, step 0) makes that the resume point.
-        train.save_checkpoint(out / "checkpoint", model, None, tok,
-                              {"stage": "align", "round": k + 1, "step": 0, "gstep0": gstep0, "window": window})
+        train.save_checkpoint(out / "checkpoint", model, None, tok, {**fixed, "round": k + 1, "step": 0, "gstep0": gstep0})
         if args.stop_after and gstep0 >= args.stop_after:
             return 3 if k + 1 < args.rounds else 0
     train.save_model(model, out, tok)
     return 0
 
 
+def finish_round(model, tok, fmt, args, heldout, log, k: int, out: Path):
+    """Save round k's proxy, measure it, and write the final accuracy after the last round."""
+    train.save_model(model, out / f"round_{k + 1:02d}", tok)
+    end = log_round_end(model, tok, fmt, args, heldout, log, k + 1)
+    if k + 1 == args.rounds and end and "eval_accuracy" in end:
+        data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": end["eval_accuracy"]}) + "\n")
+
+
 def log_round_end(model, tok, fmt, args, heldout, log, k: int):
-    """Top-1 agreement and accuracy after round k. Under torchrun rank 0 measures the whole model (gathered under
-    FSDP) while the others wait, and they return {}."""
-    plain = train.gathered(model, device=model.device) if (heldout or args.eval) else None
-    row = {"stage": "round_end", "round": k}
-    if not train.is_main():
-        train.barrier()
-        return {}
-    model = plain if plain is not None else model
-    if heldout:
-        row["agreement"] = train.top1_agreement(model, tok, heldout, fmt, args.max_len, args.gen_batch_size)
-    if args.eval:
-        rows = data.read_prompts(args.eval)[: args.eval_limit or None]
-        row["eval_accuracy"] = train.evaluate(model, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
-                                              desc=f"eval round {k}")["accuracy"]
-    log(row)
-    train.barrier()
-    return row
+    """Top-1 agreement with held-out teacher text and accuracy after round k (rank 0 measures, on the whole model)."""
+    def measure(m):
+        row = {"stage": "round_end", "round": k}
+        if heldout:
+            row["agreement"] = train.top1_agreement(m, tok, heldout, fmt, args.max_len, args.gen_batch_size)
+        if args.eval:
+            rows = data.read_prompts(args.eval)[: args.eval_limit or None]
+            row["eval_accuracy"] = train.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
+                                                  desc=f"eval round {k}")["accuracy"]
+        log(row)
+        return row
+    return dist.on_main(measure, model)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -373,27 +396,44 @@ def build_parser():
         s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: --init's)")
         s.add_argument("--data", required=True, help="JSONL: teacher rows (prompt/messages + response) or {\"text\"} rows")
         s.add_argument("--format", default=None, help="chat format plain|chatml|llama3 (default: from --init)")
-        train.add_eval_args(s, "after the stage/round", budget="generation budget (eval and sampling)")
+        train.add_eval_args(s, "after the stage/round")
         train.add_train_args(s)
         if name == "align":
             s.add_argument("--rounds", type=int, default=16, help="K alignment rounds over chunks of D_p (paper: 16)")
+            s.add_argument("--dpo", action=argparse.BooleanOptionalAction, default=True,
+                           help="--no-dpo: the same rounds with the NLL alone (the paper's w/o DPO ablation)")
             s.add_argument("--beta", type=float, default=1.0, help="DPO beta (authors' code 1.0 with mean log-probs)")
             s.add_argument("--dpo-logp", choices=["mean", "sum"], default="mean",
                            help="length-averaged (authors' code) or summed (standard DPO, use beta ~0.1)")
-            s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for rejected responses")
-            s.add_argument("--top-p", type=float, default=0.8, help="nucleus for rejected responses")
+            add_sampling_args(s, "rejected responses", temperature=1.0, top_p=0.8)
             s.add_argument("--gen-batch-size", type=int, default=64, help="prompts per sampling / reference batch")
             s.add_argument("--heldout", default=None, help="teacher JSONL for the top-1 agreement measure per round")
             s.add_argument("--heldout-limit", type=int, default=0, help="use only the first N held-out rows (0: all)")
+    s = sub.add_parser("sample", help="one response per prompt from a model, written as teacher rows")
+    s.add_argument("--init", required=True, help="HF directory of the model (with tokenizer.json)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: --init's)")
+    s.add_argument("--data", required=True, help="JSONL of prompts (prompt or messages)")
+    s.add_argument("--out", required=True, help="JSONL of teacher rows: the prompt's fields plus response")
+    s.add_argument("--format", default=None, help="chat format plain|chatml|llama3 (default: from --init)")
+    s.add_argument("--max-len", type=int, default=1024, help="prompt + response tokens (the response budget)")
+    s.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    add_sampling_args(s, "responses (0: greedy)", temperature=0.0, top_p=1.0)
     return p
+
+
+def add_sampling_args(p, what: str, temperature: float, top_p: float):
+    p.add_argument("--temperature", type=float, default=temperature, help=f"sampling temperature for {what}")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus for {what}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        with train.distributed(args):
-            return {"sft": cmd_sft, "align": cmd_align}[args.cmd](args)
-    except (CheckpointError, data.DataError) as e:
+        with dist.setup(args):
+            return {"sft": cmd_sft, "align": cmd_align, "sample": cmd_sample}[args.cmd](args)
+    except (CheckpointError, data.DataError, dist.LaunchError) as e:
         train.fail(str(e))
 
 

@@ -1,6 +1,6 @@
-"""Stage 1: the DPO loss by hand, the shared loop's accumulation and resume, and alignment on a tiny world."""
-import json
-import math
+"""Stage 1: eqs. 3, 4 and 6 by hand and against float64, the rejected samples' stop tokens and budget, the shared
+loop's accumulation and resume (refused when the rounds would change), the w/o-DPO rounds, the `sample` command,
+and alignment on a tiny world measured on truly held-out teacher text."""
 
 import pytest
 import torch
@@ -9,8 +9,8 @@ import data
 import proxy_align
 import train
 import world as embedded  # `world` is this file's fixture
-from model import Llama
-from conftest import write_world
+from model import Config, Llama
+from conftest import metric_rows, weights, write_world
 
 
 # ------------------------------------------------------------------------------------- dpo_loss
@@ -45,17 +45,20 @@ def test_dpo_loss_against_an_independent_derivation():
     assert not cr.requires_grad and not rj.requires_grad
 
 
+def test_proxy_nll_and_proxy_loss_by_hand():
+    # Two teacher responses with summed log-probs -3 and -5 over a window of 16 response tokens: eq. 3 = 8 / 16.
+    sums = torch.tensor([-3.0, -5.0])
+    assert proxy_align.proxy_nll(sums, 16).item() == pytest.approx(0.5)
+    # Eq. 6 adds the mean DPO loss over the window's pairs (4 pairs, two of them in this micro-batch).
+    dpo = torch.tensor([0.474077, 1.313262])
+    assert proxy_align.proxy_loss(sums, dpo, 16, 4).item() == pytest.approx(0.5 + 1.787339 / 4, abs=1e-6)
+    assert proxy_align.proxy_loss(sums, None, 16, 4).item() == pytest.approx(0.5)  # w/o DPO: eq. 3 alone
+
+
 def test_reduce_logps_mean_and_sum():
     s, n = torch.tensor([-6.0, -3.0]), torch.tensor([3.0, 1.0])
     torch.testing.assert_close(proxy_align.reduce_logps(s, n, "mean"), torch.tensor([-2.0, -3.0]))
     torch.testing.assert_close(proxy_align.reduce_logps(s, n, "sum"), s)
-
-
-def test_lr_schedule():
-    assert train.lr_at(0, 100, 1e-3, "constant", warmup=4) == pytest.approx(2.5e-4)
-    assert train.lr_at(50, 100, 1e-3, "constant", warmup=4) == 1e-3
-    assert train.lr_at(4, 100, 1e-3, "cosine", warmup=4, min_ratio=0.1) == pytest.approx(1e-3)
-    assert train.lr_at(100, 100, 1e-3, "cosine", warmup=4, min_ratio=0.1) == pytest.approx(1e-4)
 
 
 # ------------------------------------------------------------------------- the loops on a tiny world
@@ -65,7 +68,7 @@ def world(tmp_path_factory):
     """A tokenizer, teacher rows and eval rows of the embedded world, written as the pipeline writes them."""
     d = tmp_path_factory.mktemp("world")
     tok, rows = write_world(d, 240)
-    data.write_jsonl(d / "teacher.jsonl", rows)
+    data.write_jsonl(d / "teacher.jsonl", rows[:200])
     data.write_jsonl(d / "small.jsonl", rows[:48])
     data.write_jsonl(d / "heldout.jsonl", rows[200:])
     data.write_jsonl(d / "eval.jsonl", embedded.make_problems(16, seed=0, split="eval"))
@@ -79,15 +82,6 @@ def run(*argv):
 def sft_args(world, out, *extra):
     return ["sft", "--init", "toy", "--tokenizer", world, "--data", world / "small.jsonl", "--out", out,
             "--lr", "3e-3", "--quiet", "--seed", "1", *extra]
-
-
-def weights(path):
-    from safetensors.torch import load_file
-    return load_file(str(path / "model.safetensors"))
-
-
-def metric_rows(path, stage):
-    return [r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if r.get("stage") == stage]
 
 
 def test_accumulation_batch_8x1_equals_2x4(world, tmp_path):
@@ -118,7 +112,7 @@ def test_sft_resume_is_bitwise_identical(world, tmp_path):
 
 def align_args(world, init, out, *extra):
     return ["align", "--init", init, "--data", world / "small.jsonl", "--out", out, "--rounds", "2",
-            "--batch-size", "4", "--lr", "2e-3", "--max-new-tokens", "40", "--log-every", "1", "--quiet",
+            "--batch-size", "4", "--lr", "2e-3", "--max-len", "128", "--log-every", "1", "--quiet",
             "--seed", "3", *extra]
 
 
@@ -147,7 +141,7 @@ def test_align_resume_mid_round_keeps_the_reference_and_is_bitwise(world, sft_pr
     ref_model = Llama.from_pretrained(tmp_path / "full" / "round_01")
     rows = proxy_align.round_chunks(data.read_teacher(world / "small.jsonl"), 2, seed=3)[1]
     rejected = [r["rejected_ids"] for r in data.read_jsonl(tmp_path / "cut" / "round_02" / "rejected.jsonl")]
-    pairs = proxy_align.build_pairs(tok, rows, rejected, "plain", 1024)
+    pairs = proxy_align.build_pairs(tok, rows, rejected, "plain", 128)
     # Batched as the run batched them (--gen-batch-size 64): other padding rounds a sum of some 500 nats differently (1 ulp).
     ref_c, ref_r = proxy_align.reference_logps(ref_model, pairs, data.special_ids(tok)["pad"], torch.device("cpu"), 64)
     for run_dir in ("full", "cut"):
@@ -168,10 +162,104 @@ def test_alignment_raises_reward_accuracy_and_agreement(world, tmp_path):
                "--lr", "3e-3", "--batch-size", "16", "--quiet", "--seed", "0") == 0
     out = tmp_path / "aligned"
     assert run("align", "--init", base, "--data", world / "teacher.jsonl", "--out", out, "--rounds", "3",
-               "--batch-size", "8", "--lr", "3e-3", "--max-new-tokens", "60", "--log-every", "1", "--quiet",
+               "--batch-size", "8", "--lr", "3e-3", "--max-len", "160", "--log-every", "1", "--quiet",
                "--heldout", world / "heldout.jsonl") == 0
+    train_ids = {r["id"] for r in data.read_teacher(world / "teacher.jsonl")}
+    assert not train_ids & {r["id"] for r in data.read_teacher(world / "heldout.jsonl")}  # truly held out
     ends = {r["round"]: r["agreement"] for r in metric_rows(out, "round_end")}
     assert ends[3] > ends[0] + 0.02, ends
     for k in (1, 2, 3):
         accs = [r["reward_acc"] for r in metric_rows(out, "align") if r["round"] == k]
         assert sum(accs[-3:]) / 3 > sum(accs[:2]) / 2, (k, accs)
+
+
+# ------------------------------------------------------------------ rejected samples in real chat formats
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama3"])
+def test_rejected_samples_keep_the_stop_token_they_sampled(world, fmt, monkeypatch):
+    """A rejected sample that stopped ends with the token the model emitted (the end of turn or the eos, whichever
+    it was), not the format's first stop id; one cut at its budget ends with none. The budget is the room the
+    prompt leaves in --max-len, not the evaluation's --max-new-tokens."""
+    tok = data.load_tokenizer(world)
+    stop = data.stop_ids(tok, fmt)
+    assert len(stop) == 2
+    rows = data.read_teacher(world / "small.jsonl")[:3]
+    prompts = [data.encode_prompt(tok, data.messages_of(r), fmt) for r in rows]
+    max_len = max(len(p) for p in prompts) + 12
+    calls = []
+
+    def fake_generate(model, batch, max_new_tokens, **kw):
+        calls.append((len(batch), max_new_tokens, kw["keep_stop"]))
+        return [[11, 12, stop[1]], [13, stop[0]], [14] * max_new_tokens][:len(batch)]
+
+    monkeypatch.setattr(proxy_align, "generate", fake_generate)
+    ids = data.special_ids(tok)
+    model = Llama(Config.preset("toy", tok.get_vocab_size(), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                                pad_token_id=ids["pad"])).init_weights(seed=0)
+    got = proxy_align.sample_responses(model, tok, rows, fmt, temperature=1.0, top_p=0.8, seed=0, max_len=max_len,
+                                       batch_size=8)
+    order = sorted(range(3), key=lambda i: len(prompts[i]))  # the batch is sorted by prompt length
+    (n, budget, keep), = calls
+    assert n == 3 and keep and budget == max_len - len(prompts[order[0]])
+    by_row = {i: t for i, t in zip(order, [[11, 12, stop[1]], [13, stop[0]], [14] * budget])}
+    for i in range(3):
+        own = max_len - len(prompts[i])
+        assert got[i] == by_row[i][:own], i
+    pairs = proxy_align.build_pairs(tok, rows, got, fmt, max_len)
+    assert pairs[order[0]][1].labels[-1] == stop[1] and pairs[order[1]][1].labels[-1] == stop[0]
+    assert all(len(c.ids) <= max_len and len(r.ids) <= max_len for c, r in pairs)
+
+
+# ----------------------------------------------------------------------------- w/o DPO, refusals, sample
+
+def test_no_dpo_rounds_train_the_nll_alone(world, sft_proxy, tmp_path):
+    out = tmp_path / "nodpo"
+    assert run(*align_args(world, sft_proxy, out, "--no-dpo")) == 0
+    rows = metric_rows(out, "align")
+    assert len(rows) == 12 and all("dpo" not in r and r["nll"] > 0 for r in rows)
+    assert not (out / "round_01" / "rejected.jsonl").exists()  # nothing sampled
+    assert (out / "round_02" / "model.safetensors").exists() and (out / "model.safetensors").exists()
+    # Step 1 is eq. 3 alone on its window, under the warm-up proxy: recompute it from the planned window.
+    tok = data.load_tokenizer(world)
+    chunk = proxy_align.round_chunks(data.read_teacher(world / "small.jsonl"), 2, seed=3)[0]
+    seqs, _ = train.encode_seqs(tok, chunk, "plain", 128)
+    (first, *_), *_ = train.plan_windows([len(s.ids) for s in seqs], 4, 1, 1.0, 3)
+    model = Llama.from_pretrained(sft_proxy)
+    b = data.collate([(seqs[i].ids, seqs[i].labels) for i in first], data.special_ids(tok)["pad"])
+    with torch.no_grad():
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"]).double()[:, :-1]
+    mask = data.response_mask(b["labels"])
+    lp = logits.log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    assert rows[0]["nll"] == pytest.approx(float(-(lp * mask).sum() / mask.sum()), rel=1e-5)
+
+
+def test_resume_refuses_changed_rounds_or_seed(world, sft_proxy, tmp_path, capsys):
+    out = tmp_path / "cut"
+    assert run(*align_args(world, sft_proxy, out, "--stop-after", "3")) == 3
+    for flag, value in (("--rounds", "3"), ("--seed", "4"), ("--no-dpo", None)):
+        args = align_args(world, sft_proxy, out, "--resume")
+        if value is None:
+            args.append(flag)
+        else:
+            args[args.index(flag) + 1] = value
+        with pytest.raises(SystemExit) as e:
+            run(*args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag.replace("no-", "") in err, err
+    assert train.load_train_state(out / "checkpoint")["step"] == 3  # nothing was overwritten
+
+
+def test_sample_writes_teacher_rows(world, sft_proxy, tmp_path):
+    out = tmp_path / "whitebox.jsonl"
+    assert run("sample", "--init", sft_proxy, "--data", world / "small.jsonl", "--out", out, "--max-len", "128",
+               "--device", "cpu") == 0
+    rows = data.read_jsonl(out)
+    src = data.read_teacher(world / "small.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in src]
+    assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+    assert any(r["response"] != s["response"] for r, s in zip(rows, src))  # the model's text, not the teacher's
+    assert len(data.read_teacher(out)) == sum(r["finish_reason"] == "stop" for r in rows)
+    again = tmp_path / "again.jsonl"  # greedy: the same text again
+    assert run("sample", "--init", sft_proxy, "--data", world / "small.jsonl", "--out", again, "--max-len", "128",
+               "--device", "cpu") == 0
+    assert data.read_jsonl(again) == rows
