@@ -7,11 +7,11 @@ PYTHON := $(VENV)/bin/python
 # The CPU wheel of torch; set TORCH=torch (or a CUDA index) on a GPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench clean
+.PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench real-models clean
 
 # List the targets with the comment above each.
 help:
-	@awk '/^# -/{next} /^# /{if(c=="")c=substr($$0,3); next} /^[a-z]+:/{if(c!="")printf "  %-8s %s\n",substr($$1,1,length($$1)-1),c} {c=""}' Makefile
+	@awk '/^# -/{next} /^# /{if(c=="")c=substr($$0,3); next} /^[a-z-]+:/{if(c!="")printf "  %-12s %s\n",substr($$1,1,length($$1)-1),c} {c=""}' Makefile
 
 # Create .venv with the runtime requirements (torch first, as the CPU wheel, where none is present).
 venv: $(VENV)/.runtime
@@ -60,7 +60,8 @@ STUDENT_INIT ?=
 # Sizes of the embedded bases (model.PRESETS) when no PROXY_INIT / STUDENT_INIT is given.
 PROXY_SIZE ?= tiny-proxy
 STUDENT_SIZE ?= tiny-student
-# The algorithm (DESIGN.md): K rounds, DPO beta and log-prob mode, proxy top-k, alpha, gamma.
+# The algorithm (README: "The algorithm and its defaults"): K rounds, DPO beta and log-prob mode, proxy top-k,
+# alpha, gamma, the KL's smoothing.
 ROUNDS ?= 4
 BETA ?= 1.0
 DPO_LOGP ?= mean
@@ -78,6 +79,14 @@ DISTILL_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
 COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25
+# Tokens per sequence after the split (the world's longest teacher answer is ~130 tokens); it also bounds the
+# proxy's own samples in alignment (the room the prompt leaves).
+MAX_LEN ?= 192
+KL_EPS ?= 0
+STAGE = $(COMMON) --max-len $(MAX_LEN)
+ALIGN_COMMON = --heldout $(TEACHER_DIR)/teacher_eval.jsonl --heldout-limit 200 $(ALIGN_ARGS) $(STAGE) $(EVAL_ARGS)
+KD_ARGS = --topk $(TOPK) --alpha $(ALPHA) --gamma $(GAMMA) --kl-eps $(KL_EPS)
+STUDENT_ARGS = $(DISTILL_ARGS) $(STAGE) $(EVAL_ARGS)
 
 ifeq ($(PROXY_INIT),)
 PROXY_BASE := $(BASES)/proxy
@@ -151,63 +160,109 @@ $(RUN)/split/.done: $(TEACHER_DIR)/.done
 # resume flag for a stage whose checkpoint exists (a killed run continues where it stopped)
 resume = $(if $(wildcard $(1)/checkpoint $(1)/checkpoint.old),--resume)
 
+# Stage 1: warm-up SFT of the proxy base on D_w.
 $(RUN)/proxy_sft/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
 	$(PYTHON) proxy_align.py sft --init $(PROXY_BASE) --data $(RUN)/split/D_w.jsonl --out $(RUN)/proxy_sft \
-	  $(SFT_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/proxy_sft)
+	  $(SFT_ARGS) $(STAGE) $(EVAL_ARGS) $(call resume,$(RUN)/proxy_sft)
 	touch $@
 
+# Stage 1: K rounds on D_p of sampling, reference log-probs and NLL + DPO training (eq. 6).
 $(RUN)/proxy/.done: $(RUN)/proxy_sft/.done
 	$(PYTHON) proxy_align.py align --init $(RUN)/proxy_sft --data $(RUN)/split/D_p.jsonl --out $(RUN)/proxy \
-	  --rounds $(ROUNDS) --beta $(BETA) --dpo-logp $(DPO_LOGP) --heldout $(TEACHER_DIR)/teacher_eval.jsonl \
-	  --heldout-limit 200 $(ALIGN_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/proxy)
+	  --rounds $(ROUNDS) --beta $(BETA) --dpo-logp $(DPO_LOGP) $(ALIGN_COMMON) $(call resume,$(RUN)/proxy)
 	touch $@
 
-# The proxy's top-k logits and mean log-probs over D_s (teacher-forced on the teacher's responses).
+# Stage 2: the proxy's top-k logits and mean log-probs over D_s (teacher-forced on the teacher's responses).
 $(RUN)/cache_%/.done: $(RUN)/%/.done
 	$(PYTHON) distill.py cache --proxy $(RUN)/$* --data $(RUN)/split/D_s.jsonl --out $(RUN)/cache_$* --topk $(TOPK) \
-	  --device $(DEVICE)
+	  --max-len $(MAX_LEN) --device $(DEVICE)
 	touch $@
 
+# Stage 2 baseline: black-box KD, the student on the teacher's text of D_s alone (eq. 7).
 $(RUN)/student_blackbox/.done: $(RUN)/split/.done $(STUDENT_BASE_DONE)
 	$(PYTHON) distill.py train --method blackbox --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
-	  --out $(RUN)/student_blackbox $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_blackbox)
+	  --out $(RUN)/student_blackbox $(STUDENT_ARGS) $(call resume,$(RUN)/student_blackbox)
 	touch $@
 
+# Stage 2: Proxy-KD, NLL + alpha * w * KL to the aligned proxy (eq. 11).
 $(RUN)/student_proxykd/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
 	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
-	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy --topk $(TOPK) --alpha $(ALPHA) --gamma $(GAMMA) \
-	  --out $(RUN)/student_proxykd $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_proxykd)
+	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy $(KD_ARGS) \
+	  --out $(RUN)/student_proxykd $(STUDENT_ARGS) $(call resume,$(RUN)/student_proxykd)
 	touch $@
 
 # ------------------------------------------------------------------------- the comparison (make table)
-# The rest of the paper's rows: black-box KD on all teacher data, white-box KD from the unaligned proxy,
-# and the ablations (no alignment, no DPO, no weighting).
-rows: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done $(RUN)/student_blackbox_all/.done \
-      $(RUN)/student_whitebox/.done $(RUN)/student_noalign/.done $(RUN)/student_nodpo/.done \
-      $(RUN)/student_noweight/.done
+# Every other row of the paper's Table 1/2 that the embedded world can express (README: "Paper to code").
+rows: $(foreach r,blackbox blackbox_all whitebox_base whitebox_aligned takd noalign nodpo noweight proxykd,\
+        $(RUN)/student_$(r)/.done)
 
-$(RUN)/cache_base/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
-	$(PYTHON) distill.py cache --proxy $(PROXY_BASE) --data $(RUN)/split/D_s.jsonl --out $(RUN)/cache_base \
-	  --topk $(TOPK) --device $(DEVICE)
-	touch $@
-
+# Compute-fair baseline: black-box KD on all the teacher's data (D_w + D_p + D_s), what the proxy's share would
+# give the student directly.
 $(RUN)/student_blackbox_all/.done: $(TEACHER_DIR)/.done $(STUDENT_BASE_DONE)
 	$(PYTHON) distill.py train --method blackbox --init $(STUDENT_BASE) --data $(TEACHER_DIR)/teacher.jsonl \
-	  --out $(RUN)/student_blackbox_all $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_blackbox_all)
+	  --out $(RUN)/student_blackbox_all $(STUDENT_ARGS) $(call resume,$(RUN)/student_blackbox_all)
 	touch $@
 
-# student_<name>: method, proxy directory and its cache for each remaining row.
-define student_row
-$(RUN)/student_$(1)/.done: $(RUN)/cache_$(3)/.done $(STUDENT_BASE_DONE)
-	$(PYTHON) distill.py train --method $(2) --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
-	  --proxy $(4) --cache $(RUN)/cache_$(3) --topk $(TOPK) --alpha $(ALPHA) --gamma $(GAMMA) \
-	  --out $(RUN)/student_$(1) $(DISTILL_ARGS) $(COMMON) $(EVAL_ARGS) $(call resume,$(RUN)/student_$(1))
-	touch $$@
-endef
-$(eval $(call student_row,whitebox,whitebox,base,$(PROXY_BASE)))
-$(eval $(call student_row,noalign,proxykd,base,$(PROXY_BASE)))
-$(eval $(call student_row,nodpo,proxykd,proxy_sft,$(RUN)/proxy_sft))
-$(eval $(call student_row,noweight,proxykd-noweight,proxy,$(RUN)/proxy))
+# The proxy base as proxy (no warm-up, no rounds): its cache over D_s serves "w/o alignment".
+$(RUN)/cache_base/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
+	$(PYTHON) distill.py cache --proxy $(PROXY_BASE) --data $(RUN)/split/D_s.jsonl --out $(RUN)/cache_base \
+	  --topk $(TOPK) --max-len $(MAX_LEN) --device $(DEVICE)
+	touch $@
+
+# Proxy-KD w/o alignment: the unaligned proxy base, weighted KL.
+$(RUN)/student_noalign/.done: $(RUN)/cache_base/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(PROXY_BASE) --cache $(RUN)/cache_base $(KD_ARGS) \
+	  --out $(RUN)/student_noalign $(STUDENT_ARGS) $(call resume,$(RUN)/student_noalign)
+	touch $@
+
+# The w/o-DPO proxy: the same K rounds on D_p from the warm-up proxy, NLL only (eq. 3).
+$(RUN)/proxy_nodpo/.done: $(RUN)/proxy_sft/.done
+	$(PYTHON) proxy_align.py align --no-dpo --init $(RUN)/proxy_sft --data $(RUN)/split/D_p.jsonl \
+	  --out $(RUN)/proxy_nodpo --rounds $(ROUNDS) $(ALIGN_COMMON) $(call resume,$(RUN)/proxy_nodpo)
+	touch $@
+
+# Proxy-KD w/o DPO: the w/o-DPO proxy, weighted KL.
+$(RUN)/student_nodpo/.done: $(RUN)/cache_proxy_nodpo/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(RUN)/proxy_nodpo --cache $(RUN)/cache_proxy_nodpo $(KD_ARGS) \
+	  --out $(RUN)/student_nodpo $(STUDENT_ARGS) $(call resume,$(RUN)/student_nodpo)
+	touch $@
+
+# TAKD: the w/o-DPO proxy as teacher assistant (trained on the teacher's text, no preference alignment), plain
+# KD from it (w = 1).
+$(RUN)/student_takd/.done: $(RUN)/cache_proxy_nodpo/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method kd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(RUN)/proxy_nodpo --cache $(RUN)/cache_proxy_nodpo $(KD_ARGS) \
+	  --out $(RUN)/student_takd $(STUDENT_ARGS) $(call resume,$(RUN)/student_takd)
+	touch $@
+
+# Proxy-KD w/o weighting: the aligned proxy, w = 1.
+$(RUN)/student_noweight/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method kd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy $(KD_ARGS) \
+	  --out $(RUN)/student_noweight $(STUDENT_ARGS) $(call resume,$(RUN)/student_noweight)
+	touch $@
+
+# White-box KD: a white-box teacher answers the D_s prompts itself (greedy), and the student learns those
+# sequences with NLL + alpha * KL to that teacher (w = 1). wb_<name>: the proxy base or the aligned proxy.
+$(RUN)/wb_base/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
+	$(PYTHON) proxy_align.py sample --init $(PROXY_BASE) --data $(RUN)/split/D_s.jsonl --out $(RUN)/wb_base/D_s.jsonl \
+	  --max-len $(MAX_LEN) --device $(DEVICE)
+	touch $@
+$(RUN)/wb_aligned/.done: $(RUN)/proxy/.done
+	$(PYTHON) proxy_align.py sample --init $(RUN)/proxy --data $(RUN)/split/D_s.jsonl --out $(RUN)/wb_aligned/D_s.jsonl \
+	  --max-len $(MAX_LEN) --device $(DEVICE)
+	touch $@
+$(RUN)/cache_wb_%/.done: $(RUN)/wb_%/.done
+	$(PYTHON) distill.py cache --proxy $(if $(filter base,$*),$(PROXY_BASE),$(RUN)/proxy) \
+	  --data $(RUN)/wb_$*/D_s.jsonl --out $(RUN)/cache_wb_$* --topk $(TOPK) --max-len $(MAX_LEN) --device $(DEVICE)
+	touch $@
+$(RUN)/student_whitebox_%/.done: $(RUN)/cache_wb_%/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method kd --init $(STUDENT_BASE) --data $(RUN)/wb_$*/D_s.jsonl \
+	  --proxy $(if $(filter base,$*),$(PROXY_BASE),$(RUN)/proxy) --cache $(RUN)/cache_wb_$* $(KD_ARGS) \
+	  --out $(RUN)/student_whitebox_$* $(STUDENT_ARGS) $(call resume,$(RUN)/student_whitebox_$*)
+	touch $@
 
 SEEDS ?= 0 1 2
 # Every row over SEEDS: runs/table.md (mean ± std) and runs/table.png.
@@ -218,11 +273,10 @@ table: $(VENV)/.dev
 	  --note "make table on $$(nproc) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
 
 SMOKE_DIR ?= runs/smoke
-SMOKE_PORT ?= 18766
 # The whole pipeline at toy size, in SMOKE_DIR (a minute on 2 cores; `make test` runs it).
 smoke: $(VENV)/.runtime
 	$(MAKE) --no-print-directory proxy student WORLD=$(SMOKE_DIR)/world BASES=$(SMOKE_DIR)/bases \
-	  TEACHER_DIR=$(SMOKE_DIR)/teacher RUN=$(SMOKE_DIR)/run TEACHER_PORT=$(SMOKE_PORT) \
+	  TEACHER_DIR=$(SMOKE_DIR)/teacher RUN=$(SMOKE_DIR)/run MAX_LEN=128 \
 	  N_PROMPTS=160 N_EVAL=24 N_CORPUS=300 ROUNDS=2 PROXY_SIZE=toy STUDENT_SIZE=toy \
 	  PRETRAIN_ARGS="--lr 3e-3 --batch-size 32" SFT_ARGS="--lr 3e-3 --batch-size 8" \
 	  ALIGN_ARGS="--lr 1e-3 --batch-size 8 --gen-batch-size 32" DISTILL_ARGS="--lr 3e-3 --batch-size 8" \

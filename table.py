@@ -17,11 +17,14 @@ from pathlib import Path
 ROWS = [
     ("proxy base (before alignment)", "bases:proxy", "proxy"),
     ("proxy after warm-up SFT", "proxy_sft", "proxy"),
-    ("proxy after alignment (SFT + K DPO rounds)", "proxy", "proxy"),
+    ("proxy after K rounds of NLL alone (w/o DPO; the TAKD assistant)", "proxy_nodpo", "proxy"),
+    ("proxy after alignment (SFT + K rounds of NLL + DPO)", "proxy", "proxy"),
     ("student base", "bases:student", "student"),
     ("black-box KD (NLL on D_s)", "student_blackbox", "student"),
     ("black-box KD on all teacher data", "student_blackbox_all", "student"),
-    ("white-box KD from the unaligned proxy", "student_whitebox", "student"),
+    ("white-box KD from the proxy base (its own sequences)", "student_whitebox_base", "student"),
+    ("white-box KD from the aligned proxy (its own sequences)", "student_whitebox_aligned", "student"),
+    ("TAKD (KD from the w/o-DPO proxy, w = 1)", "student_takd", "student"),
     ("Proxy-KD w/o alignment", "student_noalign", "student"),
     ("Proxy-KD w/o DPO", "student_nodpo", "student"),
     ("Proxy-KD w/o weighting", "student_noweight", "student"),
@@ -57,11 +60,11 @@ def summary(run: Path, bases: Path) -> str:
     for label, where, _ in ROWS:
         acc = accuracy(run, bases, where)
         if acc is not None:
-            lines.append(f"  {label:<46} {100 * acc:6.1f} %")
+            lines.append(f"  {label:<64} {100 * acc:6.1f} %")
     ag = agreement(run)
     if ag:
         first, last = min(ag), max(ag)
-        lines.append(f"  {'proxy top-1 agreement with the teacher':<46} {100 * ag[first]:6.1f} % -> "
+        lines.append(f"  {'proxy top-1 agreement with the teacher':<64} {100 * ag[first]:6.1f} % -> "
                      f"{100 * ag[last]:.1f} % after {last} rounds")
     return "\n".join(lines)
 

@@ -3,39 +3,44 @@ over HTTP, split, warm-up SFT, alignment rounds, the proxy cache, both students,
 second run that finds everything done and trains nothing."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import data
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists() or sys.platform == "win32",
                     reason="needs the Makefile's .venv (make test creates it)")
 def test_make_smoke_runs_the_main_job_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "smoke", f"SMOKE_DIR={tmp_path}",
-           f"SMOKE_PORT={free_port()}"]
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "smoke", f"SMOKE_DIR={tmp_path}"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "run"
+    for d in ("proxy_sft", "student_blackbox", "student_proxykd"):
+        assert json.loads((run / d / "eval.json").read_text())["n"] == 24  # every eval problem scored
     for d in ("proxy_sft", "proxy", "student_blackbox", "student_proxykd"):
-        acc = json.loads((run / d / "eval.json").read_text())["accuracy"]
-        assert 0.0 <= acc <= 1.0
         assert (run / d / "model.safetensors").exists() and (run / d / "tokenizer.json").exists()
+    # Floors on the toy world (measured: agreement 19 %, student NLL 4.9 nats): the aligned proxy predicts the
+    # teacher's next token far above chance (1 / 1,024), and the students beat a uniform guess (ln 1024 = 6.9).
+    ends = [json.loads(x) for x in (run / "proxy" / "metrics.jsonl").read_text().splitlines()]
+    agreement = {r["round"]: r["agreement"] for r in ends if r.get("stage") == "round_end"}
+    assert sorted(agreement) == [0, 1, 2] and agreement[2] >= 0.10, agreement
+    for d in ("student_blackbox", "student_proxykd"):
+        rows = [json.loads(x) for x in (run / d / "metrics.jsonl").read_text().splitlines()]
+        assert [r for r in rows if "nll" in r][-1]["nll"] < 6.9, d
     assert (run / "proxy" / "round_02" / "ref_logps.safetensors").exists()
     assert "Proxy-KD" in first.stdout and "black-box KD" in first.stdout
     teacher = [json.loads(line) for line in (tmp_path / "teacher" / "teacher.jsonl").read_text().splitlines()]
     assert len(teacher) == 160 and all(r["finish_reason"] == "stop" for r in teacher)
+    # The black box itself is right on every held-out problem, through HTTP and the scorer (slip rate 0).
+    graded = [json.loads(line) for line in (tmp_path / "teacher" / "teacher_eval.jsonl").read_text().splitlines()]
+    assert len(graded) == 24 and all(data.is_correct(r["response"], r["answer"]) for r in graded)
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
