@@ -1,4 +1,4 @@
-"""Speed, side by side (issue 7/8): our code and a peer on the same shapes, in one process, one table.
+"""Speed, side by side: our code and a peer on the same shapes, in one process, one table.
 
     python bench.py                          # Llama-3.2-1B shapes on CUDA; a tiny model on CPU (a smoke test)
     python bench.py --only train,decode --json runs/bench.json
@@ -50,7 +50,7 @@ SIZES = {"llama-3.2-1b": ("llama-3.2-1b", 128256), "tiny": ("tiny-student", 4096
 SHAPES = {"llama-3.2-1b": dict(batch=4, seq=2048, prompt_len=128, new_tokens=256, kd_chunk=None),
           "tiny": dict(batch=2, seq=64, prompt_len=16, new_tokens=16, kd_chunk=32)}
 DECODE_BATCHES = (1, 64)  # the issue's two decode batch sizes
-TOPK = 10  # proxy top-k of the cached distillation loss (DESIGN.md; paper k = 10)
+TOPK = 10  # proxy top-k of the cached distillation loss (the paper's k = 10)
 H100_BF16_FLOPS = 989e12  # dense BF16 tensor-core peak of an H100 SXM (NVIDIA datasheet); the issue's MFU basis
 GiB = 2**30
 
