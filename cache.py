@@ -55,11 +55,6 @@ def load_proxy(path, tok, device) -> Llama:
     return proxy
 
 
-def tokenizer_hash(tok) -> str:
-    """A hash of the token -> id map: two tokenizers with the same hash read cached ids as the same tokens."""
-    return data.content_hash(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
-
-
 def data_hash(rows) -> str:
     """A hash of what the cache depends on in the data: each row's id, prompt and response, in order."""
     return data.content_hash([[r["id"], data.messages_of(r), r["response"]] for r in rows])
@@ -142,7 +137,7 @@ def cache_index(rows, counts: list[int], tok, fmt, args, embedding_size: int) ->
               for i, (a, b) in enumerate(plan_shards(counts, args.shard_tokens))]
     return {"version": CACHE_VERSION, "k": args.topk, "max_len": args.max_len, "format": fmt,
             "dtype": args.cache_dtype, "proxy": str(Path(args.proxy).resolve()), "vocab_size": tok.get_vocab_size(),
-            "embedding_size": embedding_size, "tokenizer_hash": tokenizer_hash(tok), "data": str(args.data),
+            "embedding_size": embedding_size, "tokenizer_hash": data.tokenizer_hash(tok), "data": str(args.data),
             "data_hash": data_hash(rows), "n_samples": len(counts), "n_tokens": sum(counts),
             "shard_tokens": args.shard_tokens, "shards": shards, "complete": False}
 
@@ -309,7 +304,7 @@ class ProxyCache:
         proxy, or fewer than topk columns. Then every sample's cached row count must be its response length."""
         ix, where = self.index, self.path
         check_vocab(f"proxy (cache {where})", ix["vocab_size"], ix["embedding_size"], ix["tokenizer_hash"],
-                    tok.get_vocab_size(), embedding_size, tokenizer_hash(tok))
+                    tok.get_vocab_size(), embedding_size, data.tokenizer_hash(tok))
         if ix["format"] != fmt:
             raise CacheError(f"{where}: built with chat format {ix['format']!r}, this run uses {fmt!r} (pass --format)")
         if ix["max_len"] != max_len:

@@ -268,6 +268,26 @@ def load_tokenizer(path_or_dir) -> Tokenizer:
     return tok
 
 
+def tokenizer_hash(tok: Tokenizer) -> str:
+    """A hash of the token -> id map: two tokenizers with the same hash read the same ids as the same tokens."""
+    return content_hash(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
+
+
+def check_same_tokenizer(dirs) -> None:
+    """Refuse, naming both, model directories (or tokenizer files) whose tokenizers differ: a proxy, a student
+    and the world they are trained on must read token ids the same way."""
+    first = None
+    for d in dirs:
+        tok = load_tokenizer(d)
+        h = (tok.get_vocab_size(), tokenizer_hash(tok))
+        if first is None:
+            first = (d, h)
+        elif h != first[1]:
+            raise DataError(f"{d}: tokenizer of {h[0]} tokens (hash {h[1]}) differs from {first[0]}'s "
+                            f"({first[1][0]} tokens, hash {first[1][1]}): rebuild the bases for this world "
+                            "(make bases) or point them at the world they were made for")
+
+
 def special_ids(tok: Tokenizer) -> dict:
     """{"bos", "eos", "pad"} ids; bos may be None (Qwen has none); pad falls back to eos (Llama 3 has none)."""
     def first(names):
@@ -551,14 +571,19 @@ def write_split(teacher_path, out_dir, seed: int):
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Split teacher data into D_w/D_p/D_s (the world is world.py's).")
+    p = argparse.ArgumentParser(description="Split teacher data into D_w/D_p/D_s; check that tokenizers agree.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("split", help="split teacher responses 10/45/45 into D_w, D_p, D_s")
     s.add_argument("--data", required=True, help="teacher JSONL (teacher_client.py output)")
     s.add_argument("--out", required=True, help="directory for D_w.jsonl, D_p.jsonl, D_s.jsonl")
     s.add_argument("--seed", type=int, default=0, help="split seed")
+    c = sub.add_parser("same-tokenizer", help="exit 2 with one line unless every directory has the same tokenizer")
+    c.add_argument("dirs", nargs="+", help="model directories or tokenizer.json files")
     args = p.parse_args(argv)
     try:
+        if args.cmd == "same-tokenizer":
+            check_same_tokenizer(args.dirs)
+            return 0
         n = write_split(args.data, args.out, args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

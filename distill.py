@@ -227,8 +227,8 @@ def proxy_side(args, rows, seqs, tok, fmt, model, device):
     if args.topk == 0:
         ptok = data.load_tokenizer(args.proxy) if Path(args.proxy, "tokenizer.json").exists() else tok
         proxy = cache.load_proxy(args.proxy, ptok, device)
-        cache.check_vocab(f"proxy {args.proxy}", ptok.get_vocab_size(), proxy.cfg.vocab_size, cache.tokenizer_hash(ptok),
-                          tok.get_vocab_size(), model.cfg.vocab_size, cache.tokenizer_hash(tok))
+        cache.check_vocab(f"proxy {args.proxy}", ptok.get_vocab_size(), proxy.cfg.vocab_size, data.tokenizer_hash(ptok),
+                          tok.get_vocab_size(), model.cfg.vocab_size, data.tokenizer_hash(tok))
     if args.method == "kd":
         return proxy_cache, proxy, torch.ones(len(seqs))
     if proxy_cache is not None:

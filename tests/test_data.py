@@ -201,6 +201,18 @@ def test_tokenizer_roundtrips_any_text(tok, text):
     assert tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=False) == text
 
 
+def test_same_tokenizer_check_names_both(tok, tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, t in ((a, tok), (b, tok), (c, world.world_tokenizer(vocab_size=350, seed=0))):
+        data.save_tokenizer(t, d)
+    assert data.main(["same-tokenizer", str(a), str(b)]) == 0
+    assert data.main(["same-tokenizer", str(a), str(b), str(c)]) == 2
+    err = capsys.readouterr().err
+    n_c = data.load_tokenizer(c).get_vocab_size()
+    assert err.count("\n") == 1 and str(c) in err and str(a) in err and f"{n_c} tokens" in err, err
+    assert data.tokenizer_hash(tok) == data.tokenizer_hash(data.load_tokenizer(a))
+
+
 def test_special_ids_for_world_and_llama3_like_tokenizers(tok):
     ids = data.special_ids(tok)
     assert [tok.id_to_token(ids[k]) for k in ("bos", "eos", "pad")] == ["<|bos|>", "<|eos|>", "<|pad|>"]
