@@ -13,6 +13,7 @@ Conventions every script relies on:
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import os
@@ -371,6 +372,7 @@ def guess_format(model_dir) -> str:
 # llama3: <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>
 #         <|start_header_id|>assistant<|end_header_id|>\n\n{response}<|eot_id|>
 # A system message is one more turn before the user's (chatml, llama3) or one more line (plain).
+# chatml also opens a chat that has no system turn with its template's default one, if it has one (default_system).
 # A format is rendered as "pieces" (text, or a special token id); each text run between special
 # tokens is encoded on its own, exactly as HF does when it tokenizes a rendered chat template.
 
@@ -391,6 +393,35 @@ def _end_of_turn(tok, fmt: str) -> int:
     raise ValueError(f"unknown chat format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
+# The whole default system turn as one string literal of a ChatML template (SmolLM2, Qwen2.5), "\n" written as a
+# newline or as an escape; group 2 is its content.
+_DEFAULT_SYSTEM = re.compile(r"""(['"])<\|im_start\|>system(?:\n|\\n)((?:(?!\1)[\s\S])*?)<\|im_end\|>""")
+
+
+@functools.lru_cache(maxsize=8)
+def _template_default_system(template: str) -> str | None:
+    m = _DEFAULT_SYSTEM.search(template)
+    return None if m is None else m.group(2).replace("\\n", "\n")
+
+
+def default_system(tok) -> str | None:
+    """The system message the chat template of the tokenizer's directory adds to a chat that has none
+    (SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face"), or None. The model was
+    instruction-tuned with it and apply_chat_template (transformers, serving engines) renders it, so the chatml
+    format renders it too: the ids we train and evaluate on are the ids the model is served with. The teacher
+    still sees the prompt as given (it is a black box with its own template). Our own templates have none."""
+    side = getattr(tok, "side_files", {})
+    tpl = side.get("chat_template.jinja")  # transformers 5 reads this file before tokenizer_config.json's
+    if tpl is None and "tokenizer_config.json" in side:
+        try:
+            tpl = json.loads(side["tokenizer_config.json"]).get("chat_template")
+        except json.JSONDecodeError:
+            tpl = None
+        if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
+            tpl = next((t.get("template") for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
+    return _template_default_system(tpl) if isinstance(tpl, str) else None
+
+
 def _prompt_pieces(tok, messages: list[dict], fmt: str) -> list:
     eot = _end_of_turn(tok, fmt)  # also validates fmt
     pieces = []
@@ -401,6 +432,9 @@ def _prompt_pieces(tok, messages: list[dict], fmt: str) -> list:
             pieces += [m["content"], eot] if m["role"] == "assistant" else [m["content"] + "\n"]
     elif fmt == "chatml":
         start = _special(tok, "<|im_start|>", fmt)
+        system = default_system(tok)
+        if system is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages  # as the model's own template does
         for m in messages:
             pieces += [start, f"{m['role']}\n{m['content']}", eot, "\n"]
         pieces += [start, "assistant\n"]
