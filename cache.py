@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import data
 import train
-from model import CheckpointError, Llama
+from model import CheckpointError, Llama, map_chunks
 
 # Version 2: content hashes of data and tokenizer, and fp32 head logits.
 CACHE_VERSION = 2
@@ -75,6 +75,15 @@ def check_vocab(what: str, p_tok: int, p_emb: int, p_hash: str | None, s_tok: in
 
 # ------------------------------------------------------------------------------------ the proxy pass
 
+def _stats_chunk(weight, k, h, targets):
+    logits = fp32_logits(h, weight)  # [n, V]
+    lp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    if not k:
+        return None, None, lp
+    v, j = logits.topk(k, dim=-1)  # sorted, largest first: a prefix is the top-k' for any k' < k
+    return v, j.int(), lp
+
+
 @torch.no_grad()
 def proxy_token_stats(proxy: Llama, batch, k: int, chunk_tokens: int = CHUNK_TOKENS):
     """One batch through the proxy, teacher-forced. At every response position (row-major, as h[:, :-1][mask]):
@@ -83,15 +92,9 @@ def proxy_token_stats(proxy: Llama, batch, k: int, chunk_tokens: int = CHUNK_TOK
     mask = data.response_mask(batch["labels"])
     targets = batch["input_ids"][:, 1:][mask]
     h = proxy(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)[:, :-1][mask]
-    vals, ids, lps = [], [], []
-    for i in range(0, h.shape[0], chunk_tokens):
-        logits = fp32_logits(h[i:i + chunk_tokens], proxy.lm_head.weight)  # [n, V]
-        lps.append(logits.log_softmax(-1).gather(-1, targets[i:i + chunk_tokens, None]).squeeze(-1))
-        if k:
-            v, j = logits.topk(k, dim=-1)  # sorted, largest first: a prefix is the top-k' for any k' < k
-            vals.append(v)
-            ids.append(j.int())
-    cat = (lambda xs: torch.cat(xs) if xs else None)
+    parts = map_chunks(_stats_chunk, (h, targets), (proxy.lm_head.weight, k), chunk_tokens)
+    vals, ids, lps = zip(*parts) if parts else ((), (), ())
+    cat = (lambda xs: torch.cat(xs) if xs and xs[0] is not None else None)
     lp = torch.cat(lps) if lps else h.new_zeros(0, dtype=torch.float32)
     return cat(vals), cat(ids), lp, mask.sum(-1)
 

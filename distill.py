@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import cache
 import data
 import dist
 import train
 from cache import CHUNK_TOKENS, CacheError, ProxyCache
-from model import CheckpointError
+from model import CheckpointError, map_chunks
 
 METHODS = ("blackbox", "kd", "proxykd")
 
@@ -109,7 +108,7 @@ def student_loss(nll, wkl, n_tokens, alpha: float):
 
 # --------------------------------------------------------------------------------- the chunked driver
 
-def _kd_chunk(head, h, targets, w, topk_logits, topk_ids, proxy_head, proxy_h, eps):
+def _kd_chunk(head, proxy_head, eps, h, targets, w, topk_logits, topk_ids, proxy_h):
     """One chunk: the student head and one fp32 log-softmax shared by eq. 7 and eq. 10 -> nll, wkl, kl [n]."""
     logq = F.linear(h, head).float().log_softmax(-1)  # [n, V] fp32: only ever one chunk's worth
     nll = student_nll(logq, targets)
@@ -128,20 +127,10 @@ def kd_token_losses(h, head, targets, w=None, topk_logits=None, topk_ids=None, p
     lm_head weight, targets [N]: the teacher's tokens, w [N]: per-token sample weights (default 1). The proxy
     comes as cached top-k rows (topk_logits, topk_ids [N, k]), or as its own hidden states proxy_h [N, C_p] and
     head proxy_head [V, C_p] (the full-vocabulary mode), or not at all (black-box KD: the KL terms are 0).
-
-    Each chunk runs under activation checkpointing: the forward keeps only its [n] outputs, the backward
-    recomputes one chunk's [n, V] at a time. The peak is O(chunk · V) whatever N, never O(N · V)."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    model.map_chunks runs each chunk under activation checkpointing: the peak is O(chunk · V), never O(N · V)."""
     w = torch.ones_like(targets, dtype=torch.float32) if w is None else w
-    grad = torch.is_grad_enabled() and (h.requires_grad or head.requires_grad)
-    pick = (lambda x, sl: None if x is None else x[sl])
-    parts = []
-    for i in range(0, h.shape[0], chunk_tokens):
-        sl = slice(i, i + chunk_tokens)
-        args = (head, h[sl], targets[sl], w[sl], pick(topk_logits, sl), pick(topk_ids, sl), proxy_head,
-                pick(proxy_h, sl), eps)
-        parts.append(checkpoint(_kd_chunk, *args, use_reentrant=False) if grad else _kd_chunk(*args))
+    parts = map_chunks(_kd_chunk, (h, targets, w, topk_logits, topk_ids, proxy_h), (head, proxy_head, eps),
+                       chunk_tokens)
     if not parts:
         z = h.new_zeros(0, dtype=torch.float32)
         return z, z, z

@@ -561,33 +561,40 @@ def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- log-probs
 
+def map_chunks(fn, sliced: tuple, shared: tuple = (), chunk_tokens: int = 4096) -> list:
+    """fn(*shared, *chunk) over consecutive chunks of `chunk_tokens` rows of every tensor in `sliced` (None stays
+    None) -> the list of fn's outputs. The one chunk loop of every loss that applies a [V, C] head to N positions:
+    under autograd each chunk runs with activation checkpointing, so its [chunk, V] fp32 intermediates are
+    recomputed in backward instead of stored, and the peak is O(chunk · V) whatever N."""
+    from torch.utils.checkpoint import checkpoint
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in sliced + shared)
+    n = next(t.shape[0] for t in sliced if t is not None)
+    out = []
+    for i in range(0, n, chunk_tokens):
+        args = (*shared, *(None if t is None else t[i:i + chunk_tokens] for t in sliced))
+        out.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return out
+
+
 def token_logprobs(model: Llama, input_ids, attention_mask=None, mask=None, chunk_tokens: int = 4096):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t < T-1 -> [B, T-1] fp32.
 
     mask [B, T-1] (bool): positions to score; the others are 0 and cost no head compute (prompt and padding
-    are often half the tokens). The head and log-softmax run over chunks of positions with activation
-    checkpointing, so neither [B, T, V] logits nor their fp32 log-softmax are ever held whole."""
+    are often half the tokens). The head and log-softmax run over chunks of positions (map_chunks), so neither
+    [B, T, V] logits nor their fp32 log-softmax are ever held whole."""
     h = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, :-1]  # [B, T-1, C]
     targets = input_ids[:, 1:]
     if mask is None:
         mask = torch.ones_like(targets, dtype=torch.bool)
     mask = mask.bool()
-    h_sel, t_sel = h[mask], targets[mask]  # [N, C], [N]
-    step = max(1, chunk_tokens)
-    parts = [chunked_head_logprobs(model.lm_head.weight, h_sel[i:i + step], t_sel[i:i + step])
-             for i in range(0, h_sel.shape[0], step)]
+    parts = map_chunks(head_logprobs, (h[mask], targets[mask]), (model.lm_head.weight,), chunk_tokens)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
     return out.masked_scatter(mask, torch.cat(parts)) if parts else out
 
 
-def _head_logprobs(weight, h, targets):
+def head_logprobs(weight, h, targets):
+    """h [N, C] through the head [V, C] -> log p(targets) [N] fp32 (full-vocabulary log-softmax)."""
     logits = F.linear(h, weight).float()
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def chunked_head_logprobs(weight, h, targets):
-    """One chunk [N, C] -> [N] log-probs; recomputed in backward rather than storing [N, V] fp32."""
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        from torch.utils.checkpoint import checkpoint
-        return checkpoint(_head_logprobs, weight, h, targets, use_reentrant=False)
-    return _head_logprobs(weight, h, targets)
