@@ -34,7 +34,7 @@ SHARD_TOKENS = 1 << 21
 CHUNK_TOKENS = 1024
 
 
-class CacheError(ValueError):
+class CacheError(data.DataError):
     """A proxy cache that does not fit this run; the message is one line naming the cache and the mismatch."""
 
 

@@ -31,8 +31,8 @@ import cache
 import data
 import dist
 import train
-from cache import CHUNK_TOKENS, CacheError, ProxyCache
-from model import CheckpointError, map_chunks
+from cache import CHUNK_TOKENS, ProxyCache
+from model import map_chunks
 
 METHODS = ("blackbox", "kd", "proxykd")
 
@@ -325,13 +325,8 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        # `train` runs under torchrun (--dist ddp|fsdp); `cache` is one no-grad pass and runs in one process.
-        with dist.setup(args):
-            return {"cache": cmd_cache, "train": cmd_train}[args.cmd](args)
-    except (CheckpointError, data.DataError, CacheError, dist.LaunchError) as e:
-        train.fail(str(e))
+    # `train` runs under torchrun (--dist ddp|fsdp); `cache` is one no-grad pass and runs in one process.
+    return train.run_command(build_parser(), {"cache": cmd_cache, "train": cmd_train}, argv)
 
 
 if __name__ == "__main__":

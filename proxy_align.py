@@ -30,7 +30,7 @@ import data
 import dist
 import train
 from generate import cut_at_stop, generate
-from model import CheckpointError, token_logprobs
+from model import token_logprobs
 
 
 # ------------------------------------------------------------------- the paper's equations (pure)
@@ -429,12 +429,7 @@ def add_sampling_args(p, what: str, temperature: float, top_p: float):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        with dist.setup(args):
-            return {"sft": cmd_sft, "align": cmd_align, "sample": cmd_sample}[args.cmd](args)
-    except (CheckpointError, data.DataError, dist.LaunchError) as e:
-        train.fail(str(e))
+    return train.run_command(build_parser(), {"sft": cmd_sft, "align": cmd_align, "sample": cmd_sample}, argv)
 
 
 if __name__ == "__main__":

@@ -555,6 +555,18 @@ def fail(msg: str, code: int = 2):
     sys.exit(code)
 
 
+def run_command(parser: argparse.ArgumentParser, commands: dict, argv=None) -> int:
+    """The main() of the stage scripts: parse, set up torchrun's process group when --dist asks for it, run the
+    command -> its exit code (3: stopped by --stop-after). A user's error (a bad checkpoint, data file, cache or
+    launch) is one line on stderr and exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        with dist.setup(args):
+            return commands[args.cmd](args)
+    except (CheckpointError, data.DataError, dist.LaunchError) as e:
+        fail(str(e))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Shared training utilities; `eval` scores any checkpoint directory.")
     sub = p.add_subparsers(dest="cmd", required=True)
