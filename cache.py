@@ -103,7 +103,7 @@ def _proxy_batches(proxy, seqs, pad_id, device, batch_size, k, chunk_tokens):
     """(indices, proxy_token_stats) for seqs in batches of similar lengths."""
     with train.autocast(device):
         for idx in data.length_batches([len(s.ids) for s in seqs], batch_size):
-            batch = data.collate([(seqs[i].ids, seqs[i].labels) for i in idx], pad_id, device)
+            batch = train.collate_seqs([seqs[i] for i in idx], pad_id, device)
             yield idx, proxy_token_stats(proxy, batch, k, chunk_tokens)
 
 

@@ -178,7 +178,7 @@ def distill_batch_fn(seqs, pad_id, device, proxy_cache: ProxyCache | None, topk:
     counts = torch.tensor([s.n_targets for s in seqs], dtype=torch.int64)
 
     def batch_fn(idx):
-        b = data.collate([(seqs[i].ids, seqs[i].labels) for i in idx], pad_id, device)
+        b = train.collate_seqs([seqs[i] for i in idx], pad_id, device)
         idx_t = torch.tensor(idx, dtype=torch.int64)
         w = weights[idx_t] if weights is not None else torch.ones(len(idx))
         b["weights"] = w.repeat_interleave(counts[idx_t]).to(device)

@@ -211,7 +211,7 @@ def reference_logps(model, pairs, pad_id, device, batch_size: int) -> tuple[torc
 
     def run(job):
         which, s = job
-        b = data.collate([(p[which].ids, p[which].labels) for p in pairs[s:s + batch_size]], pad_id, device)
+        b = train.collate_seqs([p[which] for p in pairs[s:s + batch_size]], pad_id, device)
         return sequence_logps(model, b)[0].float().cpu()
 
     with train.autocast(device):
@@ -248,7 +248,7 @@ def round_batch_fn(pairs, ref_c, ref_r, pad_id, device):
     """Micro-batches of a round: B chosen rows then, with DPO, their B rejected rows and stored references."""
     def batch_fn(idx):
         seqs = [pairs[i][0] for i in idx] + ([pairs[i][1] for i in idx] if ref_c is not None else [])
-        b = data.collate([(s.ids, s.labels) for s in seqs], pad_id, device)
+        b = train.collate_seqs(seqs, pad_id, device)
         if ref_c is not None:
             b["ref_chosen"], b["ref_rejected"] = ref_c[idx].to(device), ref_r[idx].to(device)
         return b

@@ -189,6 +189,11 @@ class Seq:
         self.n_targets = sum(1 for t in labels[1:] if t != data.IGNORE_INDEX)
 
 
+def collate_seqs(seqs: list[Seq], pad_id: int, device=None) -> dict:
+    """data.collate of Seqs: input_ids, labels, attention_mask [B, T] on `device`."""
+    return data.collate([(s.ids, s.labels) for s in seqs], pad_id, device)
+
+
 def encode_seqs(tok, rows, fmt: str, max_len: int) -> tuple[list[Seq], int]:
     """Training sequences from rows: teacher rows masked to the response, {"text"} rows whole; and how many
     were cut to max_len."""
@@ -257,7 +262,7 @@ def add_eval_args(p, when: str, budget: str = "generation budget for evaluation"
 
 def batch_fn_for(samples: list[Seq], pad_id: int, device):
     def batch_fn(idx):
-        return data.collate([(samples[i].ids, samples[i].labels) for i in idx], pad_id, device)
+        return collate_seqs([samples[i] for i in idx], pad_id, device)
     return batch_fn
 
 
