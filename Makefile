@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 # The CPU wheel of torch; set TORCH=torch (or a CUDA index) on a GPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench real-models clean
+.PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench real-models real real-bases clean
 
 # List the targets with the comment above each.
 help:
@@ -292,6 +292,61 @@ MODELS ?= runs/models
 real-models: $(MODELS)/smollm2-student/config.json
 $(MODELS)/smollm2-student/config.json: convert_gguf.py | $(VENV)/.runtime
 	$(PYTHON) convert_gguf.py --install --out $(MODELS)
+
+# ---------------------------------------------------------------------- the main job on real models
+# `make real`: the main job (make proxy student) with SmolLM2-135M-Instruct as the proxy and its 15-layer cut as
+# the student (make real-models), on the embedded world's teacher, prompts and eval problems, all in REAL_DIR
+# (apart from the tiny job's runs/). The world's tokenizer and bases play no part: the models bring their own
+# tokenizer, and the world is only text. Sizes (defaults: the tiny job's data, for a GPU):
+REAL_DIR ?= runs/real
+REAL_PROMPTS ?= 8000
+REAL_EVAL ?= 500
+REAL_ROUNDS ?= 4
+REAL_EPOCHS ?= 1
+# tokens per sequence (the world's longest prompt + teacher answer is 114 with SmolLM2's system turn); it also
+# bounds the proxy's own samples in alignment
+REAL_MAX_LEN ?= 192
+REAL_BATCH ?= 8
+# prompts per generation batch (eval, rejected samples) and the eval's budget of new tokens
+REAL_GEN_BATCH ?= 64
+REAL_MAX_NEW ?= 192
+# held-out teacher answers for the proxy's top-1 agreement after each round
+REAL_HELDOUT ?= 200
+# Optimisation for pretrained models: Adam at a constant lr, one epoch, as in the paper. The proxy through LoRA
+# (rank REAL_LORA) at 1e-4, the usual LoRA rate: the paper's 1e-5 barely moves an adapter in a few hundred steps.
+# The student in full (REAL_STUDENT_LORA=0) at 1e-4: every other layer of a model is no model until retrained
+# (the cut predicts the teacher's tokens worse than a uniform guess: NLL 11.7 a token, ln 49,152 = 10.8).
+REAL_LORA ?= 64
+REAL_LR ?= 1e-4
+REAL_STUDENT_LORA ?= 0
+REAL_STUDENT_LR ?= 1e-4
+# The authors' KL smoothing with alpha 100 (distill.token_kl: 77 % uniform mass at SmolLM2's 49,152 tokens).
+REAL_ALPHA ?= 100
+REAL_KL_EPS ?= 7e-5
+REAL_PROXY = $(MODELS)/smollm2-135m-instruct
+REAL_STUDENT = $(MODELS)/smollm2-student
+REAL_EVAL_ARGS = --eval $(REAL_DIR)/world/eval.jsonl --max-new-tokens $(REAL_MAX_NEW) --eval-batch-size $(REAL_GEN_BATCH)
+REAL_OPT = --epochs $(REAL_EPOCHS) --batch-size $(REAL_BATCH)
+REAL_JOB = WORLD=$(REAL_DIR)/world BASES=$(REAL_DIR)/bases TEACHER_DIR=$(REAL_DIR)/teacher RUN=$(REAL_DIR)/seed$(SEED) \
+  PROXY_INIT=$(REAL_PROXY) STUDENT_INIT=$(REAL_STUDENT) N_PROMPTS=$(REAL_PROMPTS) N_EVAL=$(REAL_EVAL) N_CORPUS=0 \
+  ROUNDS=$(REAL_ROUNDS) MAX_LEN=$(REAL_MAX_LEN) ALPHA=$(REAL_ALPHA) KL_EPS=$(REAL_KL_EPS) \
+  SFT_ARGS="--lr $(REAL_LR) --lora-rank $(REAL_LORA) $(REAL_OPT)" \
+  ALIGN_ARGS="--lr $(REAL_LR) --lora-rank $(REAL_LORA) $(REAL_OPT) --gen-batch-size $(REAL_GEN_BATCH) \
+    --heldout-limit $(REAL_HELDOUT)" \
+  DISTILL_ARGS="--lr $(REAL_STUDENT_LR) --lora-rank $(REAL_STUDENT_LORA) $(REAL_OPT)" EVAL_ARGS="$(REAL_EVAL_ARGS)"
+
+# The main job on SmolLM2-135M-Instruct and its 15-layer student (sizes: the REAL_* variables); prints the table.
+real: $(MODELS)/smollm2-student/config.json
+	$(MAKE) --no-print-directory real-bases proxy student $(REAL_JOB)
+
+# The models as converted, scored on the eval problems: the table's base rows (table.py reads BASES/*/eval.json).
+real-bases: $(REAL_DIR)/bases/proxy/eval.json $(REAL_DIR)/bases/student/eval.json
+$(REAL_DIR)/bases/%/eval.json: $(REAL_DIR)/world/.done $(MODELS)/smollm2-student/config.json
+	@mkdir -p $(@D)
+	$(PYTHON) train.py eval --model $(if $(filter proxy,$*),$(REAL_PROXY),$(REAL_STUDENT)) \
+	  --data $(REAL_DIR)/world/eval.jsonl --max-new-tokens $(REAL_MAX_NEW) --batch-size $(REAL_GEN_BATCH) \
+	  --device $(DEVICE) --out $(@D)/outputs.jsonl > $@.tmp
+	mv $@.tmp $@
 
 # Remove everything runs/ holds (the venv stays).
 clean:
