@@ -21,8 +21,8 @@ class KVCache:
     `at(pos, n_keys)` says which slots the next forward call writes (pos [T], one per new token) and how
     many it reads back (the first n_keys, all L by default); every layer then writes there and reads
     those. The attention mask is causal over slot index, so a slot not yet written is never read. One
-    write path for prefill and decode; the decode step reads all L slots, so its shapes never change and
-    one compiled graph (one CUDA graph) serves every step.
+    write path for prefill and decode; the eager decode step reads the slots written so far, the compiled
+    one all L slots, so its shapes never change and one compiled graph (one CUDA graph) serves every step.
     """
 
     def __init__(self, n_layers: int, max_len: int):
@@ -108,7 +108,9 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temper
     cache = KVCache(model.cfg.num_hidden_layers, L)
     # The prefill reads back only its P slots: masked-out extra keys would still change SDPA's summation
     # order (~1e-5 in the logits), and the samples drawn from them.
-    logits = model(ids, attention_mask=mask, cache=cache.at(torch.arange(P, device=device), P))[:, -1]
+    # The head on the last position only: the other P - 1 rows of [B, P, V] logits would be thrown away.
+    h = model(ids, attention_mask=mask, cache=cache.at(torch.arange(P, device=device), P), return_hidden=True)
+    logits = model.lm_head(h[:, -1])
     pos = prompt_mask.sum(-1, keepdim=True) - 1  # [B, 1] position of each row's last real token
     step = decode_step(model, compile)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -125,7 +127,10 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temper
                 break
         mask[:, P + i] = 1
         pos = pos + 1
-        logits = step(nxt[:, None], mask, pos, cache.at(torch.tensor([P + i], device=device)))
+        # Eager, the step reads only the P + i + 1 slots written so far (attention over the live keys, not
+        # all L: 1.5x less at 60 + 160); compiled, all L, so that one graph serves every step.
+        n_keys = None if compile else P + i + 1
+        logits = step(nxt[:, None], mask, pos, cache.at(torch.tensor([P + i], device=device), n_keys))
     return [cut_at_stop(row, eos, keep_stop) for row in torch.stack(out, 1).tolist()]
 
 

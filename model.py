@@ -79,6 +79,30 @@ def apply_rope(x, cos, sin):
 
 # ---------------------------------------------------------------------------------------- attention
 
+# SDPA's enable_gqa (torch >= 2.5): the kernel reads each key/value head for its group of query heads.
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def attend(q, k, v, mask):
+    """Scaled dot-product attention with GQA. q [B, H, T, D], k and v [B, KV, L, D], mask None (causal, L = T)
+    or bool [B or 1, 1, T, L] -> [B, H, T, D].
+
+    Each group of H/KV query heads reads one key/value head. On CPU the flash kernel does that itself
+    (enable_gqa), with or without a mask, and gives the same numbers as copies of the heads would: no
+    [B, H, L, D] copy of K and V per layer and step, which at batch 64 costs decoding as much as attention
+    itself. On CUDA only the flash kernel takes enable_gqa (fp16/bf16, no mask); the others fall back to
+    the slow math kernel with it, so the heads are repeated there as before."""
+    groups = q.shape[1] // k.shape[1]
+    kw = {}
+    if groups > 1 and SDPA_GQA and q.device.type == "cpu":
+        kw["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: "Config", layer: int):
         super().__init__()
@@ -98,15 +122,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, L, D]
-        # GQA: each group of H/KV query heads reads one key/value head. enable_gqa needs torch>=2.5,
-        # and repeat_interleave costs little next to the matmuls at these sizes, so it is done by hand.
-        if self.n_kv != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if mask is None:  # no padding, no cache: the fused causal path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -305,14 +321,18 @@ PRESETS = {
 def positions_and_mask(input_ids, attention_mask, position_ids, cache):
     """RoPE positions [B, T] (unless given) and the one attention mask every layer shares, of three kinds:
 
-    - None: no cache and nothing padded, so SDPA takes its fused causal path;
+    - None: no cache and no padding before a real token, so SDPA takes its fused causal path. Right
+      padding (every training batch, data.collate) counts as none: a real token's keys are all real and
+      earlier, so causal attention alone gives it the same output; only the padding positions' own
+      outputs (which no loss reads) differ;
     - causal over key index [1, 1, T, L]: a cache without padding; each query sits at its cache slot, so
       the slots not yet written (later ones) are never read; L is the cache's n_keys;
     - causal and padded keys masked out [B, 1, T, L]. A query always sees itself, so a padding row never
       softmaxes over nothing (no NaN).
     """
     B, T = input_ids.shape
-    if cache is None and attention_mask is not None and bool(attention_mask.all()):
+    # One host sync: is each row 1…1 0…0 (right padding or none)?
+    if cache is None and attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         attention_mask = None
     q_idx = cache.pos if cache is not None else torch.arange(T, device=input_ids.device)  # [T] key index
     if position_ids is None:
@@ -366,8 +386,10 @@ class Llama(nn.Module):
         without position_ids, each row counts positions from its first real token."""
         position_ids, mask = positions_and_mask(input_ids, attention_mask, position_ids, cache)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if not torch.is_autocast_enabled()
-                                else torch.get_autocast_dtype(x.device.type))
+        dtype = x.dtype if not torch.is_autocast_enabled() else torch.get_autocast_dtype(x.device.type)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)
+        if mask is not None:  # additive (0 / -inf), made once: SDPA turns a bool mask into this in every layer
+            mask = torch.zeros(mask.shape, dtype=dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
         x = self.model.norm(x)
