@@ -255,9 +255,11 @@ def cmd_train(args):
     loss_fn = partial(distill_loss, alpha=args.alpha, eps=args.kl_eps, proxy=proxy, chunk_tokens=args.chunk_tokens)
     batch_fn = distill_batch_fn(seqs, data.special_ids(tok)["pad"], device, proxy_cache if args.topk else None,
                                 args.topk, weights)
-    finished = train.train_stage(model, seqs, loss_fn, args, tok, device, "distill", batch_fn=batch_fn)
+    with train.timed(out, "train"):
+        finished = train.train_stage(model, seqs, loss_fn, args, tok, device, "distill", batch_fn=batch_fn)
     if finished and args.eval:
-        train.report_eval(model, tok, fmt, args, out, {"stage": "distill", "method": args.method})
+        with train.timed(out, "eval"):
+            train.report_eval(model, tok, fmt, args, out, {"stage": "distill", "method": args.method})
     return 0 if finished else 3
 
 
@@ -265,7 +267,8 @@ def cmd_cache(args):
     if args.topk < 1:
         train.fail(f"--topk {args.topk}: the cache needs k >= 1 (--topk 0 is a `train` mode with the proxy in the loop)")
     tok, fmt = train.tokenizer_and_format(args, args.proxy)
-    return cache.build(args, tok, fmt, train.teacher_rows(args.data), train.pick_device(args.device))
+    with train.timed(args.out, "cache"):
+        return cache.build(args, tok, fmt, train.teacher_rows(args.data), train.pick_device(args.device))
 
 
 # --------------------------------------------------------------------------------------------- CLI

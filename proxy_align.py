@@ -117,9 +117,11 @@ def cmd_sft(args):
     train.write_args(args.out, args, {"format": fmt, "n_samples": len(seqs)})
     dist.print0(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device "
                 f"{device}")
-    finished = train.train_stage(model, seqs, train.nll_loss_fn, args, tok, device, "sft")
+    with train.timed(args.out, "train"):
+        finished = train.train_stage(model, seqs, train.nll_loss_fn, args, tok, device, "sft")
     if finished and args.eval:
-        train.report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
+        with train.timed(args.out, "eval"):
+            train.report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
     return 0 if finished else 3
 
 
@@ -172,8 +174,9 @@ def cmd_sample(args):
     tok, fmt = train.tokenizer_and_format(args, args.init)
     rows = data.read_prompts(args.data)
     model = train.load_model(args.init, tok, device, seed=args.seed)
-    toks = sample_responses(model, tok, rows, fmt, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                            max_len=args.max_len, batch_size=args.batch_size)
+    with train.timed(Path(args.out).parent, "sample"):
+        toks = sample_responses(model, tok, rows, fmt, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, max_len=args.max_len, batch_size=args.batch_size)
     stop = set(data.stop_ids(tok, fmt))
     out = [{**r, "response": tok.decode([x for x in t if x not in stop]),
             "finish_reason": "stop" if t and t[-1] in stop else "length"} for r, t in zip(rows, toks)]
@@ -274,11 +277,13 @@ def prepare_round(model, tok, chunk, fmt, args, k: int, rdir: Path, resumed: boo
     if saved is not None:
         rejected, ref_c, ref_r = saved
         return build_pairs(tok, chunk, rejected, fmt, args.max_len), ref_c, ref_r
-    rejected = sample_responses(model, tok, chunk, fmt, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed * 100003 + k * 1009, max_len=args.max_len,
-                                batch_size=args.gen_batch_size)
+    with train.timed(rdir.parent, f"{rdir.name}/sample"):
+        rejected = sample_responses(model, tok, chunk, fmt, temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed * 100003 + k * 1009, max_len=args.max_len,
+                                    batch_size=args.gen_batch_size)
     pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
-    ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
+    with train.timed(rdir.parent, f"{rdir.name}/reference"):
+        ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
     if dist.is_main():
         save_round_data(rdir, chunk, rejected, ref_c, ref_r)
     return pairs, ref_c, ref_r
@@ -321,7 +326,8 @@ def cmd_align(args):
     fwd = dist.wrap(model, args, device)
     loss_fn = partial(align_loss, beta=args.beta, mode=args.dpo_logp, use_dpo=args.dpo)
     if ck is None and (args.eval or heldout):
-        log_round_end(model, tok, fmt, args, heldout, log, 0)  # round 0 = the proxy before alignment
+        with train.timed(out, "round_00/eval"):
+            log_round_end(model, tok, fmt, args, heldout, log, 0)  # round 0 = the proxy before alignment
     fixed = {"stage": "align", "window": window, "rounds": args.rounds, "seed": args.seed, "dpo": args.dpo}
 
     for k in range(start_round, args.rounds):
@@ -348,11 +354,13 @@ def cmd_align(args):
         local_stop = args.stop_after - gstep0 if args.stop_after and args.stop_after > gstep0 else None
         stage = train.Stage("align", windows, round_batch_fn(pairs, ref_c, ref_r, data.special_ids(tok)["pad"], device),
                             pair_window_norm(pairs), loss_fn, tagged, save, stop_after=local_stop)
-        done = train.fit(model, fwd, opt, stage, args, device, step0)
+        with train.timed(out, f"round_{k + 1:02d}/train"):
+            done = train.fit(model, fwd, opt, stage, args, device, step0)
         if done < len(windows):
             return 3
         gstep0 += len(windows)
-        finish_round(model, tok, fmt, args, heldout, log, k, out)
+        with train.timed(out, f"round_{k + 1:02d}/eval"):
+            finish_round(model, tok, fmt, args, heldout, log, k, out)
         # The next round starts from here: a checkpoint at (k+1, step 0) makes that the resume point.
         train.save_checkpoint(out / "checkpoint", model, None, tok, {**fixed, "round": k + 1, "step": 0, "gstep0": gstep0})
         if args.stop_after and gstep0 >= args.stop_after:

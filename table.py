@@ -1,7 +1,7 @@
 """Results tables: `summary` after `make proxy` / `make student`, and `collect` for `make table`
 (every row of the paper's comparison over several seeds, mean ± std, as markdown and a PNG plot).
 
-    python table.py summary --run runs/seed0 --bases runs/bases
+    python table.py summary --run runs/seed0 --bases runs/bases --teacher runs/teacher
     python table.py collect --runs runs/seed0 runs/seed1 runs/seed2 --bases runs/bases --out runs/table.md
     python table.py numbers --model runs/seed0/proxy --data runs/teacher/teacher_eval.jsonl
 """
@@ -55,7 +55,8 @@ def agreement(run: Path) -> dict[int, float]:
     return out
 
 
-def summary(run: Path, bases: Path) -> str:
+def summary(run: Path, bases: Path, teacher: Path | None = None) -> str:
+    """The run's accuracies so far, then its wall time by stage (also written to RUN/timing.json)."""
     lines = [f"results in {run} (accuracy on the held-out eval set, greedy decoding)", ""]
     for label, where, _ in ROWS:
         acc = accuracy(run, bases, where)
@@ -66,7 +67,72 @@ def summary(run: Path, bases: Path) -> str:
         first, last = min(ag), max(ag)
         lines.append(f"  {'proxy top-1 agreement with the teacher':<64} {100 * ag[first]:6.1f} % -> "
                      f"{100 * ag[last]:.1f} % after {last} rounds")
+    stages = stage_timings(run, bases, teacher)
+    if stages:
+        record = timing_record(stages)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / TIMING).write_text(json.dumps(record, indent=2) + "\n")
+        lines += ["", f"wall time by stage, seconds (each stage's {TIMING}; all of them in {run / TIMING})"]
+        lines += format_timing(record)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ wall time
+
+TIMING = "timing.json"  # train.timed's file: {phase: seconds} in each stage's output directory
+
+
+def read_phases(path: Path) -> dict[str, float]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float))} if isinstance(d, dict) else {}
+
+
+def stage_timings(run: Path, bases: Path, teacher: Path | None = None) -> dict[str, dict[str, float]]:
+    """Every stage's timing.json under the bases, the teacher directory and the run -> {stage: {phase:
+    seconds}}, in the order the stages last wrote them (the order they ran). Stages are named by their
+    directory: "bases/proxy", "teacher", and the run's own ("proxy_sft", "proxy", "cache_proxy", ...)."""
+    found, seen = [], {(run / TIMING).resolve()}  # the gathered breakdown is not a stage
+    for root, prefix in ((bases, "bases"), (teacher, "teacher"), (run, "")):
+        if root is None or not root.is_dir():
+            continue
+        for f in sorted(root.rglob(TIMING)):
+            if f.resolve() in seen:  # a root inside another (bases under the run) counts once
+                continue
+            seen.add(f.resolve())
+            rel = f.parent.relative_to(root).as_posix()
+            name = "/".join(x for x in (prefix, "" if rel == "." else rel) if x) or root.name
+            phases = read_phases(f)
+            if phases:
+                found.append((f.stat().st_mtime, name, phases))
+    return {name: phases for _, name, phases in sorted(found, key=lambda x: x[0])}
+
+
+def timing_record(stages: dict[str, dict[str, float]]) -> dict:
+    """RUN/timing.json: per stage its phases and their sum, and the total (wall seconds of the phases the
+    stages timed: interpreter start-up and imports, ~2 s a process, are not in them)."""
+    per = {s: {"seconds": round(sum(p.values()), 3), "phases": p} for s, p in stages.items()}
+    return {"stages": per, "total_seconds": round(sum(v["seconds"] for v in per.values()), 3)}
+
+
+def format_timing(record: dict) -> list[str]:
+    """One line per stage, its phases after it; phases named "group/phase" (an alignment round's sample,
+    reference, train and eval) get a line per group under their stage."""
+    lines = []
+    for stage, v in record["stages"].items():
+        groups: dict[str, dict[str, float]] = {}
+        for phase, sec in v["phases"].items():
+            group, _, name = phase.rpartition("/")
+            groups.setdefault(group, {})[name] = sec
+        flat = groups.pop("", {})
+        lines.append(f"  {stage:<28} {v['seconds']:8.1f}   " + " · ".join(f"{k} {x:.1f}" for k, x in flat.items()))
+        for group, phases in groups.items():
+            lines.append(f"    {group:<26} {sum(phases.values()):8.1f}   "
+                         + " · ".join(f"{k} {x:.1f}" for k, x in phases.items()))
+    lines.append(f"  {'total':<28} {record['total_seconds']:8.1f}")
+    return [line.rstrip() for line in lines]
 
 
 def mean_std(xs: list[float]) -> str:
@@ -168,6 +234,7 @@ def main(argv=None):
     s = sub.add_parser("summary", help="print the accuracies one run has so far")
     s.add_argument("--run", required=True, help="run directory (runs/seedN)")
     s.add_argument("--bases", required=True, help="directory of the pretrained bases")
+    s.add_argument("--teacher", default=None, help="teacher directory, whose collection time joins the breakdown")
     c = sub.add_parser("collect", help="mean ± std over several runs as markdown (+ a PNG plot)")
     c.add_argument("--runs", nargs="+", required=True, help="run directories, one per seed")
     c.add_argument("--bases", required=True, help="directory of the pretrained bases")
@@ -184,7 +251,7 @@ def main(argv=None):
             print(f"  {k:<16} {100 * acc:5.1f} %  of {count}")
         return 0
     if args.cmd == "summary":
-        print(summary(Path(args.run), Path(args.bases)))
+        print(summary(Path(args.run), Path(args.bases), Path(args.teacher) if args.teacher else None))
     else:
         print(collect([Path(r) for r in args.runs], Path(args.bases), Path(args.out),
                       Path(args.plot) if args.plot else None, args.note))

@@ -415,8 +415,10 @@ def main(argv=None):
         return 2
     endpoint = (serve_embedded(args.model, args.slip_rate) if args.serve_embedded
                 else contextlib.nullcontext((args.base_url, args.base_url)))
+    from train import timed  # the stages' wall-time record (OUT's directory/timing.json, phase: OUT's name)
     try:
-        with endpoint as (base_url, key_url):
+        name = os.path.splitext(os.path.basename(args.out))[0]
+        with timed(os.path.dirname(args.out) or ".", name, setup=f"{name} setup"), endpoint as (base_url, key_url):
             summary = collect(rows, args.out, base_url, args.model, key_url=key_url,
                               concurrency=args.concurrency, timeout=args.timeout,
                               max_retries=args.max_retries, temperature=args.temperature,

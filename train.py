@@ -14,7 +14,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -493,6 +493,65 @@ def write_args(out_dir: Path, args, extra: dict | None = None):
     d = {k: v for k, v in vars(args).items() if not callable(v)}
     d["world_size"] = dist.n_ranks()
     data.atomic_write_text(Path(out_dir) / "args.json", json.dumps({**d, **(extra or {})}, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------- wall time
+
+TIMING_FILE = "timing.json"
+
+
+_setup_recorded = False
+
+
+@contextmanager
+def timed(out_dir, phase: str, setup: str = "setup"):
+    """Wall seconds of the block, kept as {phase: seconds} in OUT/timing.json beside the stage's other
+    outputs; `table.py summary` gathers every stage's file into the run's breakdown. Phases of one
+    stage share the file ("train", "eval", "round_01/sample", ...). A phase run again (a resumed stage)
+    keeps the seconds of its last run; a block that raises records nothing. Rank 0 writes.
+
+    The first block of a process also records, as `setup`, the seconds from the process's start to the
+    block (interpreter, imports, reading data, building the model): a few seconds per stage that no
+    phase would count otherwise."""
+    global _setup_recorded
+    if not _setup_recorded:
+        _setup_recorded = True
+        age = process_age()
+        if age is not None:
+            record_time(out_dir, setup, age)
+    t0 = time.perf_counter()
+    yield
+    record_time(out_dir, phase, time.perf_counter() - t0)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    try:
+        # /proc/self/stat: "pid (comm) state ..."; starttime, field 22, in clock ticks after boot
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record_time(out_dir, phase: str, seconds: float):
+    if not dist.is_main():
+        return
+    path = Path(out_dir) / TIMING_FILE
+    phases = read_timing(path)
+    phases[phase] = round(seconds, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write_text(path, json.dumps(phases, indent=2) + "\n")
+
+
+def read_timing(path) -> dict[str, float]:
+    """A stage's {phase: seconds} in the order the phases first ran; {} if the file is missing or torn."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float))} if isinstance(d, dict) else {}
 
 
 # -------------------------------------------------------------------------------------- evaluation

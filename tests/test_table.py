@@ -1,5 +1,7 @@
-"""table.py: the failure breakdown counts what it says, and collect writes mean ± std over runs."""
+"""table.py: the failure breakdown counts what it says, collect writes mean ± std over runs, and summary gathers
+the stages' wall time."""
 import json
+import os
 import re
 
 import data
@@ -30,3 +32,28 @@ def test_collect_means_and_stds(tmp_path):
         (d / "eval.json").write_text(json.dumps({"accuracy": acc}))
     text = table.collect([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "bases", tmp_path / "t.md", None)
     assert "| Proxy-KD | student | 15.0 ± 7.1 | 2 |" in text
+
+
+def test_summary_gathers_every_stage_timing_into_the_run(tmp_path):
+    run, bases, teacher = tmp_path / "seed0", tmp_path / "bases", tmp_path / "teacher"
+    stages = [(bases / "proxy", {"train": 180.0, "eval": 12.0}), (teacher, {"teacher": 8.0, "teacher_eval": 2.0}),
+              (run / "proxy_sft", {"train": 30.0, "eval": 10.0}),
+              (run / "proxy", {"round_00/eval": 10.0, "round_01/sample": 12.0, "round_01/reference": 2.5,
+                               "round_01/train": 13.0, "round_01/eval": 10.0}),
+              (run / "cache_proxy", {"cache": 4.0})]
+    for i, (d, phases) in enumerate(stages):
+        d.mkdir(parents=True)
+        (d / "timing.json").write_text(json.dumps(phases))
+        os.utime(d / "timing.json", (1000 + i, 1000 + i))  # the order the stages ran in
+    (run / "proxy" / "round_01").mkdir()
+    (run / "proxy" / "round_01" / "timing.json").write_text("not json")  # unreadable: skipped
+    text = table.summary(run, bases, teacher)
+    rec = json.loads((run / "timing.json").read_text())
+    assert list(rec["stages"]) == ["bases/proxy", "teacher", "proxy_sft", "proxy", "cache_proxy"]
+    assert rec["stages"]["proxy"] == {"seconds": 47.5, "phases": stages[3][1]}
+    assert rec["total_seconds"] == 192 + 10 + 40 + 47.5 + 4
+    lines = text.splitlines()
+    assert "  bases/proxy                     192.0   train 180.0 · eval 12.0" in lines
+    assert "    round_01                       37.5   sample 12.0 · reference 2.5 · train 13.0 · eval 10.0" in lines
+    assert lines[-1] == "  total                           293.5"
+    assert table.summary(run, bases, teacher) == text  # the gathered file is not read back as a stage

@@ -92,3 +92,22 @@ def test_find_checkpoint_falls_back_to_the_old_one(tmp_path):
     assert train.find_checkpoint(ck) == tmp_path / "checkpoint.old"  # a directory without train_state.pt is none
     (ck / "train_state.pt").write_bytes(b"")
     assert train.find_checkpoint(ck) == ck
+
+
+def test_timed_keeps_each_phase_of_a_stage_in_its_timing_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_setup_recorded", False)  # as in a fresh process
+    with train.timed(tmp_path / "stage", "train"):
+        pass
+    with train.timed(tmp_path / "stage", "round_01/sample"):
+        pass
+    with pytest.raises(RuntimeError):
+        with train.timed(tmp_path / "stage", "eval"):
+            raise RuntimeError("a failed phase")  # records nothing
+    phases = json.loads((tmp_path / "stage" / "timing.json").read_text())
+    # setup: the process's start to its first block (this test process's age, so only bounded below)
+    assert list(phases) == ["setup", "train", "round_01/sample"] and phases["setup"] > 0
+    assert all(0 <= phases[k] < 5 for k in ("train", "round_01/sample"))
+    train.record_time(tmp_path / "stage", "train", 12.5)  # run again (a resume): the last run's seconds
+    assert train.read_timing(tmp_path / "stage" / "timing.json") == {**phases, "train": 12.5}
+    (tmp_path / "stage" / "timing.json").write_text('{"train": 1')  # torn: read as nothing, then rewritten
+    assert train.read_timing(tmp_path / "stage" / "timing.json") == {}
