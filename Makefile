@@ -106,11 +106,11 @@ WORLD_DONE := $(if $(filter $(WORLD)/%,$(PROMPTS)),$(WORLD)/.done)
 
 # Stage 1: world and teacher data, the proxy base, warm-up SFT on D_w, K rounds of NLL + DPO on D_p.
 proxy: $(RUN)/proxy/.done
-	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES)
+	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES) --teacher $(TEACHER_DIR)
 
 # Stage 2: the proxy cache over D_s, then the student by black-box KD and by Proxy-KD; prints the table.
 student: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
-	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES)
+	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES) --teacher $(TEACHER_DIR)
 
 # The embedded world: tokenizer, teacher prompts, eval problems, pretraining corpus.
 world: $(WORLD)/.done
