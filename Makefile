@@ -6,6 +6,12 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The CPU wheel of torch; set TORCH=torch (or a CUDA index) on a GPU machine.
 TORCH ?= torch==2.13.0
+# One intra-op thread per process: the tiny models gain nothing from more on a 2-core machine (and lose a lot when
+# other work shares it), and a single thread makes every CPU run bit-for-bit repeatable. THREADS=0: torch's default.
+THREADS ?= 1
+ifneq ($(THREADS),0)
+export OMP_NUM_THREADS := $(THREADS)
+endif
 
 .PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench real-models real real-bases clean
 
@@ -38,7 +44,8 @@ test: $(VENV)/.dev
 SEED ?= 0
 DEVICE ?= auto
 WORLD ?= runs/world
-BASES ?= runs/bases
+# The pretrained bases, shipped in bases/ as an open LLM is downloaded (`make bases` rebuilds them).
+BASES ?= bases
 TEACHER_DIR ?= runs/teacher
 RUN ?= runs/seed$(SEED)
 # The embedded world's sizes (teacher prompts, eval problems, pretraining documents, BPE vocabulary).
@@ -61,12 +68,13 @@ STUDENT_INIT ?=
 PROXY_SIZE ?= tiny-proxy
 STUDENT_SIZE ?= tiny-student
 # The algorithm (README: "The algorithm and its defaults"): K rounds, DPO beta and log-prob mode, proxy top-k,
-# alpha, gamma, the KL's smoothing.
-ROUNDS ?= 4
+# alpha, gamma, the KL's smoothing. ROUNDS, ALPHA and the epochs below were chosen on a validation split of
+# held-out problems for the tiny models (the paper: K = 16, alpha = 100; README "Results" gives both).
+ROUNDS ?= 2
 BETA ?= 1.0
 DPO_LOGP ?= mean
 TOPK ?= 10
-ALPHA ?= 100
+ALPHA ?= 1
 GAMMA ?= 0.4
 # Optimisation per stage; the scripts' own defaults are the paper's (Adam, constant lr 1e-5, one epoch,
 # LoRA on real models), these are tuned for the tiny embedded models trained in full.
@@ -74,8 +82,8 @@ PRETRAIN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 50 --batch-size 1
 PROXY_PRETRAIN_EPOCHS ?= 1
 STUDENT_PRETRAIN_EPOCHS ?= 0.4
 SFT_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 10
-ALIGN_ARGS ?= --lr 2e-4 --lr-schedule cosine --warmup-steps 10 --batch-size 16
-DISTILL_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 3
+ALIGN_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 3
+DISTILL_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 12
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
 COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25
@@ -119,14 +127,17 @@ $(WORLD)/.done: | $(VENV)/.runtime
 	  --vocab-size $(VOCAB) --templates $(TEMPLATES) --seed 0
 	touch $@
 
-# The bases, pretrained once on the world's plain text (the proxy larger, as open LLMs are).
-bases: $(PROXY_BASE_DONE) $(STUDENT_BASE_DONE)
-$(BASES)/proxy/.done: $(WORLD)/.done
+# Rebuild the shipped bases: pretrain the proxy and the student base on the world's plain text (the proxy
+# larger and longer, as open LLMs are); about 4 minutes on 2 cores.
+bases: | $(WORLD)/.done
+	rm -rf $(BASES)/proxy $(BASES)/student
+	$(MAKE) --no-print-directory $(BASES)/proxy/.done $(BASES)/student/.done
+$(BASES)/proxy/.done: | $(WORLD)/.done
 	$(PYTHON) proxy_align.py sft --init $(PROXY_SIZE) --tokenizer $(WORLD) --data $(WORLD)/corpus.jsonl \
 	  --out $(BASES)/proxy --epochs $(PROXY_PRETRAIN_EPOCHS) $(PRETRAIN_ARGS) $(COMMON) --eval $(EVAL) --eval-limit 200 \
 	  $(if $(wildcard $(BASES)/proxy/checkpoint),--resume)
 	touch $@
-$(BASES)/student/.done: $(WORLD)/.done
+$(BASES)/student/.done: | $(WORLD)/.done
 	$(PYTHON) proxy_align.py sft --init $(STUDENT_SIZE) --tokenizer $(WORLD) --data $(WORLD)/corpus.jsonl \
 	  --out $(BASES)/student --epochs $(STUDENT_PRETRAIN_EPOCHS) $(PRETRAIN_ARGS) $(COMMON) --eval $(EVAL) --eval-limit 200 \
 	  $(if $(wildcard $(BASES)/student/checkpoint),--resume)
@@ -151,9 +162,11 @@ else
 endif
 	touch $@
 
-# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data, by a hash of the id and SEED.
+# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data, by a hash of the id and SEED (after checking that the
+# world, the proxy and the student read token ids alike).
 split: $(RUN)/split/.done
-$(RUN)/split/.done: $(TEACHER_DIR)/.done
+$(RUN)/split/.done: $(TEACHER_DIR)/.done $(PROXY_BASE_DONE) $(STUDENT_BASE_DONE)
+	$(PYTHON) data.py same-tokenizer $(if $(PROXY_INIT)$(STUDENT_INIT),,$(WORLD)) $(PROXY_BASE) $(STUDENT_BASE)
 	$(PYTHON) data.py split --data $(TEACHER_DIR)/teacher.jsonl --out $(RUN)/split --seed $(SEED)
 	touch $@
 
@@ -301,7 +314,7 @@ $(MODELS)/smollm2-student/config.json: convert_gguf.py | $(VENV)/.runtime
 REAL_DIR ?= runs/real
 REAL_PROMPTS ?= 8000
 REAL_EVAL ?= 500
-REAL_ROUNDS ?= 4
+REAL_ROUNDS ?= 2
 REAL_EPOCHS ?= 1
 # tokens per sequence (the world's longest prompt + teacher answer is 114 with SmolLM2's system turn); it also
 # bounds the proxy's own samples in alignment
@@ -323,7 +336,7 @@ REAL_ALIGN_LR ?= $(REAL_LR)
 REAL_STUDENT_LORA ?= 0
 REAL_STUDENT_LR ?= 1e-4
 # The authors' KL smoothing with alpha 100 (distill.token_kl: 77 % uniform mass at SmolLM2's 49,152 tokens).
-REAL_ALPHA ?= 100
+REAL_ALPHA ?= 1
 REAL_KL_EPS ?= 7e-5
 REAL_PROXY = $(MODELS)/smollm2-135m-instruct
 REAL_STUDENT = $(MODELS)/smollm2-student
