@@ -336,7 +336,7 @@ REAL_ALIGN_LR ?= $(REAL_LR)
 REAL_STUDENT_LORA ?= 0
 REAL_STUDENT_LR ?= 1e-4
 # The authors' KL smoothing with alpha 100 (distill.token_kl: 77 % uniform mass at SmolLM2's 49,152 tokens).
-REAL_ALPHA ?= 1
+REAL_ALPHA ?= 100
 REAL_KL_EPS ?= 7e-5
 REAL_PROXY = $(MODELS)/smollm2-135m-instruct
 REAL_STUDENT = $(MODELS)/smollm2-student
