@@ -325,9 +325,10 @@ def cmd_align(args):
                             "stage_order": ["align", "round_end"]}, quiet=args.quiet)
     fwd = dist.wrap(model, args, device)
     loss_fn = partial(align_loss, beta=args.beta, mode=args.dpo_logp, use_dpo=args.dpo)
-    if ck is None and (args.eval or heldout):
+    if ck is None and heldout:
+        # Round 0 = the proxy before alignment: its agreement (its accuracy is the warm-up stage's eval.json).
         with train.timed(out, "round_00/eval"):
-            log_round_end(model, tok, fmt, args, heldout, log, 0)  # round 0 = the proxy before alignment
+            log_round_end(model, tok, fmt, args, heldout, log, 0)
     fixed = {"stage": "align", "window": window, "rounds": args.rounds, "seed": args.seed, "dpo": args.dpo}
 
     for k in range(start_round, args.rounds):
@@ -378,12 +379,13 @@ def finish_round(model, tok, fmt, args, heldout, log, k: int, out: Path):
 
 
 def log_round_end(model, tok, fmt, args, heldout, log, k: int):
-    """Top-1 agreement with held-out teacher text and accuracy after round k (rank 0 measures, on the whole model)."""
+    """Top-1 agreement with held-out teacher text and (k > 0) accuracy after round k (rank 0 measures, on the whole
+    model)."""
     def measure(m):
         row = {"stage": "round_end", "round": k}
         if heldout:
             row["agreement"] = train.top1_agreement(m, tok, heldout, fmt, args.max_len, args.gen_batch_size)
-        if args.eval:
+        if args.eval and k > 0:
             rows = data.read_prompts(args.eval)[: args.eval_limit or None]
             row["eval_accuracy"] = train.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
                                                   desc=f"eval round {k}")["accuracy"]
