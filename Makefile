@@ -206,7 +206,7 @@ $(RUN)/student_proxykd/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
 
 # ------------------------------------------------------------------------- the comparison (make table)
 # Every other row of the paper's Table 1/2 that the embedded world can express (README: "Paper to code").
-rows: $(foreach r,blackbox blackbox_all whitebox_base whitebox_aligned takd noalign nodpo noweight proxykd,\
+rows: $(foreach r,blackbox proxykd blackbox_all noweight nodpo takd noalign whitebox_base whitebox_aligned,\
         $(RUN)/student_$(r)/.done)
 
 # Compute-fair baseline: black-box KD on all the teacher's data (D_w + D_p + D_s), what the proxy's share would

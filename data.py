@@ -184,9 +184,11 @@ def read_prompts(path) -> list[dict]:
 
 
 def read_teacher(path, keep_unfinished: bool = False) -> list[dict]:
-    """Teacher output rows: a prompt row plus "response" and "finish_reason". Rows whose finish_reason
-    is not "stop" (cut at max tokens, filtered) are dropped by default, with a count; a row without a
-    finish_reason (a file from another tool) is kept."""
+    """Teacher output rows: a prompt row plus "response" and "finish_reason", in a canonical order (by id,
+    then sample index): a concurrent client writes them in the order the API answered, which differs from
+    run to run, and every stage's data order (the split, the shuffles, the held-out subset) must not. Rows
+    whose finish_reason is not "stop" (cut at max tokens, filtered) are dropped by default, with a count; a
+    row without a finish_reason (a file from another tool) is kept."""
     rows, dropped = [], {}
     for n, row in _iter_jsonl(path):
         row = _check_row(path, n, row, strings=("response",))
@@ -198,7 +200,7 @@ def read_teacher(path, keep_unfinished: bool = False) -> list[dict]:
     if dropped:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
         _note(f"{path}: dropped {sum(dropped.values())} rows whose finish_reason is not \"stop\" ({detail})")
-    return rows
+    return sorted(rows, key=lambda r: (r["id"], r.get("sample_index", 0)))
 
 
 def read_pairs(path) -> list[dict]:

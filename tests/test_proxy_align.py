@@ -254,8 +254,10 @@ def test_sample_writes_teacher_rows(world, sft_proxy, tmp_path):
     assert run("sample", "--init", sft_proxy, "--data", world / "small.jsonl", "--out", out, "--max-len", "128",
                "--device", "cpu") == 0
     rows = data.read_jsonl(out)
-    src = data.read_teacher(world / "small.jsonl")
+    src = data.read_prompts(world / "small.jsonl")  # the prompts' order, kept
     assert [r["id"] for r in rows] == [r["id"] for r in src]
+    src = {r["id"]: r for r in data.read_teacher(world / "small.jsonl")}
+    src = [src[r["id"]] for r in rows]
     assert all(r["finish_reason"] in ("stop", "length") for r in rows)
     assert any(r["response"] != s["response"] for r, s in zip(rows, src))  # the model's text, not the teacher's
     assert len(data.read_teacher(out)) == sum(r["finish_reason"] == "stop" for r in rows)
