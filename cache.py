@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import data
 import train
-from model import CheckpointError, Llama, map_chunks
+from model import CheckpointError, Llama, hidden_at, map_chunks
 
 # Version 2: content hashes of data and tokenizer, and fp32 head logits.
 CACHE_VERSION = 2
@@ -91,7 +91,7 @@ def proxy_token_stats(proxy: Llama, batch, k: int, chunk_tokens: int = CHUNK_TOK
     teacher's token [N] fp32. Also returns the per-row counts [B]."""
     mask = data.response_mask(batch["labels"])
     targets = batch["input_ids"][:, 1:][mask]
-    h = proxy(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)[:, :-1][mask]
+    h = hidden_at(proxy, batch["input_ids"], batch["attention_mask"], F.pad(mask, (0, 1)))  # [N, C]
     parts = map_chunks(_stats_chunk, (h, targets), (proxy.lm_head.weight, k), chunk_tokens)
     vals, ids, lps = zip(*parts) if parts else ((), (), ())
     cat = (lambda xs: torch.cat(xs) if xs and xs[0] is not None else None)

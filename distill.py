@@ -32,7 +32,7 @@ import data
 import dist
 import train
 from cache import CHUNK_TOKENS, ProxyCache
-from model import map_chunks
+from model import hidden_at, map_chunks
 
 METHODS = ("blackbox", "kd", "proxykd")
 
@@ -144,7 +144,7 @@ def distill_loss(fwd, batch, norm, alpha: float, eps: float = 0.0, proxy=None, c
     the KL is 0 (black-box KD). Metrics are window means: nll, kl (unweighted), wkl (weighted), w (mean weight)."""
     mask = data.response_mask(batch["labels"])
     targets = batch["input_ids"][:, 1:][mask]
-    h = fwd(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)[:, :-1][mask]
+    h = hidden_at(fwd, batch["input_ids"], batch["attention_mask"], F.pad(mask, (0, 1)))  # [N, C]
     kw = {}
     if "topk_ids" in batch:
         kw = {"topk_logits": batch["topk_logits"], "topk_ids": batch["topk_ids"]}

@@ -114,7 +114,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, select=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
@@ -122,8 +122,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, L, D]
-        y = attend(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y if select is None else y[select])  # [B, T, C], or [N, C] at the selected positions
 
 
 class MLP(nn.Module):
@@ -146,8 +146,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, select=None):
+        """x [B, T, C] -> [B, T, C]; with select (bool [B, T]) -> [N, C], the selected positions only: keys and
+        values still come from every position, the output projection and the MLP run on the N alone."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, select)
+        x = (x if select is None else x[select]) + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -377,9 +380,11 @@ class Llama(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         return self
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden: bool = False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden: bool = False,
+                select=None):
         """input_ids [B, T] -> logits [B, T, V] (or the final-normed hidden [B, T, C] with return_hidden,
-        so a loss can apply lm_head chunk by chunk and never hold [B, T, V] in fp32).
+        so a loss can apply lm_head chunk by chunk and never hold [B, T, V] in fp32). select (bool [B, T]):
+        only those positions' outputs, [N, V] or [N, C] in row-major order (as out[select]); see hidden_at.
 
         attention_mask [B, L] (1 = real token) covers every key: this call's T tokens, or with a cache
         (a generate.KVCache, `at` the slots this call writes) all its slots. Padding may be on either side;
@@ -390,8 +395,9 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)
         if mask is not None:  # additive (0 / -inf), made once: SDPA turns a bool mask into this in every layer
             mask = torch.zeros(mask.shape, dtype=dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+        last = len(self.model.layers) - 1
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, select if i == last else None)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
@@ -583,21 +589,42 @@ def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- log-probs
 
+# map_chunks recomputes a chunk's head in backward only when the whole [N, V] fp32 would exceed this: the main
+# job's batches (16 x 72 positions x 1,024 tokens: 4.7 MB) keep theirs, a Llama vocabulary's never does.
+RECOMPUTE_ABOVE_BYTES = 16 * 2**20
+
+
 def map_chunks(fn, sliced: tuple, shared: tuple = (), chunk_tokens: int = 4096) -> list:
     """fn(*shared, *chunk) over consecutive chunks of `chunk_tokens` rows of every tensor in `sliced` (None stays
     None) -> the list of fn's outputs. The one chunk loop of every loss that applies a [V, C] head to N positions:
     under autograd each chunk runs with activation checkpointing, so its [chunk, V] fp32 intermediates are
-    recomputed in backward instead of stored, and the peak is O(chunk · V) whatever N."""
+    recomputed in backward instead of stored, and the peak is O(chunk · V) whatever N. Where all N positions'
+    [N, V] fp32 logits fit in RECOMPUTE_ABOVE_BYTES (V: the rows of the largest [V, C] head in `shared`), the
+    trade buys nothing and costs a second head forward: the chunks keep their intermediates instead (the same
+    values and gradients)."""
     from torch.utils.checkpoint import checkpoint
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in sliced + shared)
     n = next(t.shape[0] for t in sliced if t is not None)
+    V = max((t.shape[0] for t in shared if isinstance(t, torch.Tensor) and t.dim() == 2), default=0)
+    grad = grad and n * V * 4 > RECOMPUTE_ABOVE_BYTES
     out = []
     for i in range(0, n, chunk_tokens):
         args = (*shared, *(None if t is None else t[i:i + chunk_tokens] for t in sliced))
         out.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
     return out
+
+
+def hidden_at(fwd, input_ids, attention_mask, select):
+    """The final-normed hidden states at the positions `select` (bool [B, T]) marks -> [N, C], row-major (as
+    h[select]). On CPU the forward takes `select` itself: the positions no loss reads (the prompt, padding)
+    need only the last block's keys and values, so its output projection and MLP skip them (the main job's
+    batches: a tenth of the matmuls). Elsewhere the full forward is indexed: a compiled CUDA forward keeps
+    one graph, which a data-dependent shape inside it would break."""
+    if input_ids.device.type == "cpu":
+        return fwd(input_ids, attention_mask=attention_mask, return_hidden=True, select=select)
+    return fwd(input_ids, attention_mask=attention_mask, return_hidden=True)[select]
 
 
 def token_logprobs(model: Llama, input_ids, attention_mask=None, mask=None, chunk_tokens: int = 4096):
@@ -606,12 +633,12 @@ def token_logprobs(model: Llama, input_ids, attention_mask=None, mask=None, chun
     mask [B, T-1] (bool): positions to score; the others are 0 and cost no head compute (prompt and padding
     are often half the tokens). The head and log-softmax run over chunks of positions (map_chunks), so neither
     [B, T, V] logits nor their fp32 log-softmax are ever held whole."""
-    h = model(input_ids, attention_mask=attention_mask, return_hidden=True)[:, :-1]  # [B, T-1, C]
     targets = input_ids[:, 1:]
     if mask is None:
         mask = torch.ones_like(targets, dtype=torch.bool)
     mask = mask.bool()
-    parts = map_chunks(head_logprobs, (h[mask], targets[mask]), (model.lm_head.weight,), chunk_tokens)
+    h = hidden_at(model, input_ids, attention_mask, F.pad(mask, (0, 1)))  # [N, C]: position t predicts t + 1
+    parts = map_chunks(head_logprobs, (h, targets[mask]), (model.lm_head.weight,), chunk_tokens)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
     return out.masked_scatter(mask, torch.cat(parts)) if parts else out
 
