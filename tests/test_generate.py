@@ -89,3 +89,18 @@ def test_compiled_decode_matches_eager_on_cuda(tmp_path):
     m = Llama.from_pretrained(d, device="cuda").eval()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     assert generate(m, prompts, 20, eos_id=[], compile=True) == generate(m, prompts, 20, eos_id=[])
+
+
+def test_nucleus_keeps_the_tokens_a_full_sort_keeps():
+    """The top-k shortcut and the full sort keep the same tokens: sharp rows (nucleus inside the top 64), flat
+    ones (past it), and a batch mixing both (one flat row sends the whole batch to the sort)."""
+    from generate import nucleus
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.02, 2.0, 10.0, None):
+        logits = torch.randn(8, 1024, generator=g) * (scale or 10.0)
+        if scale is None:
+            logits[3] *= 0.01
+        probs = logits.softmax(-1)
+        sp, idx = probs.sort(-1, descending=True)
+        ref = torch.zeros_like(probs).scatter_(-1, idx, sp.masked_fill(sp.cumsum(-1) - sp > 0.8, 0.0))
+        assert torch.equal(nucleus(probs, 0.8), ref)
