@@ -231,15 +231,7 @@ def proxy_side(args, rows, seqs, tok, fmt, model, device):
 
 def cmd_train(args):
     check_train_args(args)
-    device = train.pick_device(args.device)
-    torch.manual_seed(args.seed)
-    tok, fmt = train.tokenizer_and_format(args, args.init)
-    rows = train.teacher_rows(args.data)
-    seqs, cut = train.encode_seqs(tok, rows, fmt, args.max_len)
-    if cut:
-        dist.print0(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}")
-    model = train.load_model(args.init, tok, dist.load_device(args, device), seed=args.seed,
-                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+    device, tok, fmt, rows, seqs, model = train.stage_setup(args)
     proxy_cache, proxy, weights = proxy_side(args, rows, seqs, tok, fmt, model, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -102,17 +102,10 @@ def align_loss(fwd, batch, norm, beta: float, mode: str, use_dpo: bool = True):
 # --------------------------------------------------------------------------------------------- sft
 
 def cmd_sft(args):
-    device = train.pick_device(args.device)
-    torch.manual_seed(args.seed)
-    tok, fmt = train.tokenizer_and_format(args, args.init)
     rows = data.read_jsonl(args.data)
     if not rows or "response" in rows[0] or "text" not in rows[0]:  # teacher rows, not pretraining text
-        rows = train.teacher_rows(args.data)
-    seqs, cut = train.encode_seqs(tok, rows, fmt, args.max_len)
-    if cut:
-        dist.print0(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}")
-    model = train.load_model(args.init, tok, dist.load_device(args, device), seed=args.seed,
-                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+        rows = None
+    device, tok, fmt, rows, seqs, model = train.stage_setup(args, rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     train.write_args(args.out, args, {"format": fmt, "n_samples": len(seqs)})
     dist.print0(f"sft: {len(seqs)} sequences, {model.num_params() / 1e6:.2f}M parameters, format {fmt}, device "

@@ -201,6 +201,21 @@ def encode_seqs(tok, rows, fmt: str, max_len: int) -> tuple[list[Seq], int]:
     return [Seq(ids, labels) for ids, labels in pairs], cut
 
 
+def stage_setup(args, rows: list[dict] | None = None):
+    """What a training stage starts from: (device, tokenizer, chat format, rows, training sequences, model).
+    rows: teacher rows or {"text"} rows (default: --data's teacher responses); --init a directory or a size."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    tok, fmt = tokenizer_and_format(args, args.init)
+    rows = teacher_rows(args.data) if rows is None else rows
+    seqs, cut = encode_seqs(tok, rows, fmt, args.max_len)
+    if cut:
+        dist.print0(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}")
+    model = load_model(args.init, tok, dist.load_device(args, device), seed=args.seed, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha)
+    return device, tok, fmt, rows, seqs, model
+
+
 def teacher_rows(path) -> list[dict]:
     """The usable teacher responses of a file (finished, non-empty); none at all is an error."""
     rows = data.read_teacher(path)
