@@ -297,6 +297,19 @@ def resume_state(args, out: Path, window: int):
     return ck, st
 
 
+def round_optimizer(model, args, device, resume=None):
+    """A fresh AdamW for a round and the step it starts at; resume = (state, checkpoint, step) continues a round
+    from its checkpoint (its optimizer state once a step was taken, and the RNG)."""
+    opt = train.make_optimizer(model, args.lr, args.weight_decay, device)
+    if resume is None:
+        return opt, 0
+    st, ck, step = resume
+    if st.get("optimizer") is not None and step > 0:
+        dist.load_optimizer_state(model, opt, st, ck)
+    train.set_rng_state(st["rng"])
+    return opt, step
+
+
 def cmd_align(args):
     device = train.pick_device(args.device)
     out = Path(args.out)
@@ -330,13 +343,7 @@ def cmd_align(args):
                                             device)
         windows = train.plan_windows([len(c.ids) + (len(r.ids) if r else 0) for c, r in pairs], args.batch_size,
                                      args.grad_accum * dist.n_ranks(), args.epochs, args.seed + k)
-        opt = train.make_optimizer(model, args.lr, args.weight_decay, device)  # a fresh Adam each round
-        step0 = 0
-        if resumed:
-            if st.get("optimizer") is not None and start_step > 0:
-                dist.load_optimizer_state(model, opt, st, ck)
-            train.set_rng_state(st["rng"])
-            step0 = start_step
+        opt, step0 = round_optimizer(model, args, device, (st, ck, start_step) if resumed else None)
 
         def save(step, k=k, opt=opt, g=gstep0):
             train.save_checkpoint(out / "checkpoint", model, opt, tok, {**fixed, "round": k, "step": step, "gstep0": g})
