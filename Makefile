@@ -14,6 +14,8 @@ export OMP_NUM_THREADS := $(THREADS)
 endif
 
 .PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench real-models real real-bases clean
+# Keep every stamp a pattern rule makes on the way (the white-box rows' caches), so a rerun finds them done.
+.SECONDARY:
 
 # List the targets with the comment above each.
 help:
@@ -205,7 +207,7 @@ $(RUN)/student_proxykd/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
 	touch $@
 
 # ------------------------------------------------------------------------- the comparison (make table)
-# Every other row of the paper's Table 1/2 that the embedded world can express (README: "Paper to code").
+# Every row of the paper's Table 1/2 that the embedded world can express (README: "The rows of the comparison").
 rows: $(foreach r,blackbox proxykd blackbox_all noweight nodpo takd noalign whitebox_base whitebox_aligned,\
         $(RUN)/student_$(r)/.done)
 
@@ -258,7 +260,8 @@ $(RUN)/student_noweight/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
 	touch $@
 
 # White-box KD: a white-box teacher answers the D_s prompts itself (greedy), and the student learns those
-# sequences with NLL + alpha * KL to that teacher (w = 1). wb_<name>: the proxy base or the aligned proxy.
+# sequences with NLL + alpha * KL to that teacher (w = 1), cut ones included (the proxy base, which writes in
+# its own words, may not stop before MAX_LEN). wb_<name>: the proxy base or the aligned proxy.
 $(RUN)/wb_base/.done: $(RUN)/split/.done $(PROXY_BASE_DONE)
 	$(PYTHON) proxy_align.py sample --init $(PROXY_BASE) --data $(RUN)/split/D_s.jsonl --out $(RUN)/wb_base/D_s.jsonl \
 	  --max-len $(MAX_LEN) --device $(DEVICE)
@@ -269,10 +272,11 @@ $(RUN)/wb_aligned/.done: $(RUN)/proxy/.done
 	touch $@
 $(RUN)/cache_wb_%/.done: $(RUN)/wb_%/.done
 	$(PYTHON) distill.py cache --proxy $(if $(filter base,$*),$(PROXY_BASE),$(RUN)/proxy) \
-	  --data $(RUN)/wb_$*/D_s.jsonl --out $(RUN)/cache_wb_$* --topk $(TOPK) --max-len $(MAX_LEN) --device $(DEVICE)
+	  --data $(RUN)/wb_$*/D_s.jsonl --out $(RUN)/cache_wb_$* --topk $(TOPK) --max-len $(MAX_LEN) --device $(DEVICE) \
+	  --keep-unfinished
 	touch $@
 $(RUN)/student_whitebox_%/.done: $(RUN)/cache_wb_%/.done $(STUDENT_BASE_DONE)
-	$(PYTHON) distill.py train --method kd --init $(STUDENT_BASE) --data $(RUN)/wb_$*/D_s.jsonl \
+	$(PYTHON) distill.py train --method kd --init $(STUDENT_BASE) --data $(RUN)/wb_$*/D_s.jsonl --keep-unfinished \
 	  --proxy $(if $(filter base,$*),$(PROXY_BASE),$(RUN)/proxy) --cache $(RUN)/cache_wb_$* $(KD_ARGS) \
 	  --out $(RUN)/student_whitebox_$* $(STUDENT_ARGS) $(call resume,$(RUN)/student_whitebox_$*)
 	touch $@
@@ -286,9 +290,11 @@ table: $(VENV)/.dev
 	  --note "make table on $$(nproc) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
 
 SMOKE_DIR ?= runs/smoke
-# The whole pipeline at toy size, in SMOKE_DIR (a minute on 2 cores; `make test` runs it).
+SMOKE_TARGETS ?= proxy student
+# The whole pipeline at toy size, in SMOKE_DIR (a minute on 2 cores; `make test` runs it); SMOKE_TARGETS=rows
+# builds every row of the comparison at that size.
 smoke: $(VENV)/.runtime
-	$(MAKE) --no-print-directory proxy student WORLD=$(SMOKE_DIR)/world BASES=$(SMOKE_DIR)/bases \
+	$(MAKE) --no-print-directory $(SMOKE_TARGETS) WORLD=$(SMOKE_DIR)/world BASES=$(SMOKE_DIR)/bases \
 	  TEACHER_DIR=$(SMOKE_DIR)/teacher RUN=$(SMOKE_DIR)/run MAX_LEN=128 \
 	  N_PROMPTS=160 N_EVAL=24 N_CORPUS=300 ROUNDS=2 PROXY_SIZE=toy STUDENT_SIZE=toy \
 	  PRETRAIN_ARGS="--lr 3e-3 --batch-size 32" SFT_ARGS="--lr 3e-3 --batch-size 8" \

@@ -260,7 +260,8 @@ def cmd_cache(args):
         train.fail(f"--topk {args.topk}: the cache needs k >= 1 (--topk 0 is a `train` mode with the proxy in the loop)")
     tok, fmt = train.tokenizer_and_format(args, args.proxy)
     with train.timed(args.out, "cache"):
-        return cache.build(args, tok, fmt, train.teacher_rows(args.data), train.pick_device(args.device))
+        return cache.build(args, tok, fmt, train.teacher_rows(args.data, args.keep_unfinished),
+                       train.pick_device(args.device))
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -270,6 +271,12 @@ def positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
     return v
+
+
+def add_keep_unfinished(p):
+    p.add_argument("--keep-unfinished", action="store_true",
+                   help="keep responses cut at their budget (finish_reason length): a white-box teacher's own "
+                        "sequences are its sequences however they end (cache and train must agree)")
 
 
 def build_parser():
@@ -292,6 +299,7 @@ def build_parser():
     c.add_argument("--chunk-tokens", type=positive_int, default=CHUNK_TOKENS, help="positions per head + top-k chunk")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_keep_unfinished(c)
 
     t = sub.add_parser("train", help="train the student: NLL + alpha * w * KL(proxy || student), or a baseline")
     t.add_argument("--init", required=True, help="student: HF directory, or a named size (tiny-student, toy, ...)")
@@ -312,6 +320,7 @@ def build_parser():
     t.add_argument("--kl-eps", type=float, default=0.0,
                    help="smooth both distributions as (p + eps) / sum(p + eps) before the KL: 0 is the paper's "
                         "equation, the authors' code uses 7e-5 (several times weaker at 32k-128k tokens)")
+    add_keep_unfinished(t)
     t.add_argument("--chunk-tokens", type=positive_int, default=CHUNK_TOKENS,
                    help="response tokens per chunk of head + log-softmax + KL ([chunk, V] fp32 is the peak)")
     train.add_eval_args(t, "at the end")

@@ -207,7 +207,7 @@ def stage_setup(args, rows: list[dict] | None = None):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     tok, fmt = tokenizer_and_format(args, args.init)
-    rows = teacher_rows(args.data) if rows is None else rows
+    rows = teacher_rows(args.data, getattr(args, "keep_unfinished", False)) if rows is None else rows
     seqs, cut = encode_seqs(tok, rows, fmt, args.max_len)
     if cut:
         dist.print0(f"{args.data}: {cut} of {len(seqs)} sequences cut to --max-len {args.max_len}")
@@ -216,9 +216,9 @@ def stage_setup(args, rows: list[dict] | None = None):
     return device, tok, fmt, rows, seqs, model
 
 
-def teacher_rows(path) -> list[dict]:
-    """The usable teacher responses of a file (finished, non-empty); none at all is an error."""
-    rows = data.read_teacher(path)
+def teacher_rows(path, keep_unfinished: bool = False) -> list[dict]:
+    """The usable teacher responses of a file (finished ones, unless keep_unfinished); none at all is an error."""
+    rows = data.read_teacher(path, keep_unfinished)
     if not rows:
         fail(f"{path}: no usable teacher responses")
     return rows
