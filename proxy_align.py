@@ -190,12 +190,12 @@ def round_chunks(rows: list[dict], rounds: int, seed: int) -> list[list[dict]]:
 
 def build_pairs(tok, rows, rejected_tokens, fmt, max_len):
     """(chosen, rejected) Seq pairs: the same prompt, the teacher's response vs the proxy's sample."""
+    chosen, _ = train.encode_seqs(tok, rows, fmt, max_len)
     pairs = []
-    for r, rej in zip(rows, rejected_tokens):
-        c_ids, c_lab = data.encode_pair(tok, data.messages_of(r), r["response"], fmt)
+    for c, r, rej in zip(chosen, rows, rejected_tokens):
         p_ids = data.encode_prompt(tok, data.messages_of(r), fmt)
         r_ids, r_lab = p_ids + rej, [data.IGNORE_INDEX] * len(p_ids) + rej
-        pairs.append((train.Seq(*data.truncate(c_ids, c_lab, max_len)), train.Seq(*data.truncate(r_ids, r_lab, max_len))))
+        pairs.append((c, train.Seq(*data.truncate(r_ids, r_lab, max_len))))
     return pairs
 
 
@@ -264,8 +264,7 @@ def prepare_round(model, tok, chunk, fmt, args, k: int, rdir: Path, resumed: boo
     Without DPO: the teacher's responses alone."""
     pad = data.special_ids(tok)["pad"]
     if not args.dpo:
-        return [(train.Seq(*data.truncate(*data.encode_pair(tok, data.messages_of(r), r["response"], fmt),
-                                          args.max_len)), None) for r in chunk], None, None
+        return [(c, None) for c in train.encode_seqs(tok, chunk, fmt, args.max_len)[0]], None, None
     saved = load_round_data(rdir, chunk) if resumed else None
     if saved is not None:
         rejected, ref_c, ref_r = saved
