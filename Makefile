@@ -12,8 +12,11 @@ THREADS ?= 1
 ifneq ($(THREADS),0)
 export OMP_NUM_THREADS := $(THREADS)
 endif
+# Stages that do not depend on each other run side by side, JOBS at a time (`make student`: black-box KD beside the
+# proxy cache and Proxy-KD; `make table`: the rows), one core each at THREADS=1.
+JOBS ?= 2
 
-.PHONY: help venv dev test proxy student world bases teacher split rows table smoke bench real-models real real-bases clean
+.PHONY: help venv dev test proxy student world bases teacher split rows table study smoke bench real-models real real-bases clean
 # Keep every stamp a pattern rule makes on the way (the white-box rows' caches), so a rerun finds them done.
 .SECONDARY:
 
@@ -50,9 +53,10 @@ WORLD ?= runs/world
 BASES ?= bases
 TEACHER_DIR ?= runs/teacher
 RUN ?= runs/seed$(SEED)
-# The embedded world's sizes (teacher prompts, eval problems, pretraining documents, BPE vocabulary).
+# The embedded world's sizes (teacher prompts, eval and validation problems, pretraining documents, BPE vocabulary).
 N_PROMPTS ?= 8000
 N_EVAL ?= 500
+N_VAL ?= 300
 N_CORPUS ?= 30000
 VOCAB ?= 1024
 # which of world.TEMPLATES the world draws from (comma-separated, or all)
@@ -64,6 +68,8 @@ TEACHER_MODEL ?= proxykd-teacher
 SLIP_RATE ?= 0
 PROMPTS ?= $(WORLD)/prompts.jsonl
 EVAL ?= $(WORLD)/eval.jsonl
+# held-out problems in neither PROMPTS nor EVAL, on which the recipe and `make study` are judged
+VAL ?= $(WORLD)/val.jsonl
 PROXY_INIT ?=
 STUDENT_INIT ?=
 # Sizes of the embedded bases (model.PRESETS) when no PROXY_INIT / STUDENT_INIT is given.
@@ -83,9 +89,9 @@ GAMMA ?= 0.4
 PRETRAIN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 50 --batch-size 16
 PROXY_PRETRAIN_EPOCHS ?= 1
 STUDENT_PRETRAIN_EPOCHS ?= 0.4
-SFT_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 10
-ALIGN_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 3
-DISTILL_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 12
+SFT_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 10
+ALIGN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 3
+DISTILL_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 12
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
 COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25
@@ -95,7 +101,8 @@ MAX_LEN ?= 192
 KL_EPS ?= 0
 STAGE = $(COMMON) --max-len $(MAX_LEN)
 ALIGN_COMMON = --heldout $(TEACHER_DIR)/teacher_eval.jsonl --heldout-limit 200 $(ALIGN_ARGS) $(STAGE) $(EVAL_ARGS)
-KD_ARGS = --topk $(TOPK) --alpha $(ALPHA) --gamma $(GAMMA) --kl-eps $(KL_EPS)
+kd_args = --topk $(TOPK) --alpha $(1) --gamma $(2) --kl-eps $(KL_EPS)
+KD_ARGS = $(call kd_args,$(ALPHA),$(GAMMA))
 STUDENT_ARGS = $(DISTILL_ARGS) $(STAGE) $(EVAL_ARGS)
 
 ifeq ($(PROXY_INIT),)
@@ -119,13 +126,14 @@ proxy: $(RUN)/proxy/.done
 	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES) --teacher $(TEACHER_DIR)
 
 # Stage 2: the proxy cache over D_s, then the student by black-box KD and by Proxy-KD; prints the table.
-student: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
+student: | $(VENV)/.runtime
+	@$(MAKE) --no-print-directory -j$(JOBS) --output-sync=line $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
 	@$(PYTHON) table.py summary --run $(RUN) --bases $(BASES) --teacher $(TEACHER_DIR)
 
-# The embedded world: tokenizer, teacher prompts, eval problems, pretraining corpus.
+# The embedded world: tokenizer, teacher prompts, eval and validation problems, pretraining corpus.
 world: $(WORLD)/.done
 $(WORLD)/.done: | $(VENV)/.runtime
-	$(PYTHON) world.py --out $(WORLD) --prompts $(N_PROMPTS) --eval $(N_EVAL) --corpus $(N_CORPUS) \
+	$(PYTHON) world.py --out $(WORLD) --prompts $(N_PROMPTS) --eval $(N_EVAL) --val $(N_VAL) --corpus $(N_CORPUS) \
 	  --vocab-size $(VOCAB) --templates $(TEMPLATES) --seed 0
 	touch $@
 
@@ -284,10 +292,66 @@ $(RUN)/student_whitebox_%/.done: $(RUN)/cache_wb_%/.done $(STUDENT_BASE_DONE)
 SEEDS ?= 0 1 2
 # Every row over SEEDS: runs/table.md (mean ± std) and runs/table.png.
 table: $(VENV)/.dev
-	for s in $(SEEDS); do $(MAKE) --no-print-directory rows SEED=$$s || exit 1; done
+	for s in $(SEEDS); do $(MAKE) --no-print-directory -j$(JOBS) --output-sync=line rows SEED=$$s || exit 1; done
 	$(PYTHON) table.py collect --runs $(foreach s,$(SEEDS),runs/seed$(s)) --bases $(BASES) \
 	  --out runs/table.md --plot runs/table.png \
-	  --note "make table on $$(nproc) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
+	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
+
+# ------------------------------------------------------------------------------- the map (make study)
+STUDY ?= runs/study
+# the points: Proxy-KD from the proxy of each earlier round (00: the warm-up SFT), other alphas and gammas, and
+# whole runs with a teacher that slips; each moves one setting away from the main job's, which every axis shares
+STUDY_ROUNDS ?= 00 01
+STUDY_ALPHAS ?= 0.1 10 100
+STUDY_GAMMAS ?= 0.1 1.6
+STUDY_SLIPS ?= 0.1 0.3
+VAL_ARGS = --eval $(VAL) --max-new-tokens 160
+ROUND_K := $(shell printf %02d $(ROUNDS))
+study_proxy = $(if $(filter 00,$(1)),$(RUN)/proxy_sft,$(RUN)/proxy/round_$(1))
+# Proxy-KD's gain over black-box KD on the validation split at every point (after the main job, which it
+# reuses): STUDY/study.md and STUDY/study.png.
+study: $(VENV)/.dev
+	$(MAKE) --no-print-directory -j$(JOBS) --output-sync=line $(STUDY)/ref/.done \
+	  $(foreach k,$(STUDY_ROUNDS) $(ROUND_K),$(STUDY)/proxy_round_$(k).json) \
+	  $(foreach k,$(STUDY_ROUNDS),$(STUDY)/round_$(k)/.done) $(foreach a,$(STUDY_ALPHAS),$(STUDY)/alpha_$(a)/.done) \
+	  $(foreach g,$(STUDY_GAMMAS),$(STUDY)/gamma_$(g)/.done) $(foreach p,$(STUDY_SLIPS),$(STUDY)/slip_$(p)/.done)
+	$(PYTHON) table.py study --dir $(STUDY) --alpha $(ALPHA) --gamma $(GAMMA) --rounds $(ROUNDS) \
+	  --out $(STUDY)/study.md --plot $(STUDY)/study.png \
+	  --note "make study on $$(nproc --all) CPU cores ($$(uname -m)), seed $(SEED), accuracy on $(VAL)"
+# the main job's two students, scored on the validation split
+$(STUDY)/ref/.done: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
+	@mkdir -p $(STUDY)/ref
+	$(PYTHON) train.py eval --model $(RUN)/student_blackbox --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/blackbox.json
+	$(PYTHON) train.py eval --model $(RUN)/student_proxykd --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/proxykd.json
+	touch $@
+$(STUDY)/proxy_round_%.json: $(RUN)/proxy/.done
+	@mkdir -p $(STUDY)
+	$(PYTHON) train.py eval --model $(call study_proxy,$*) --data $(VAL) --device $(DEVICE) > $@.tmp
+	mv $@.tmp $@
+$(STUDY)/cache_round_%/.done: $(RUN)/proxy/.done
+	$(PYTHON) distill.py cache --proxy $(call study_proxy,$*) --data $(RUN)/split/D_s.jsonl --out $(STUDY)/cache_round_$* \
+	  --topk $(TOPK) --max-len $(MAX_LEN) --device $(DEVICE)
+	touch $@
+$(STUDY)/round_%/.done: $(STUDY)/cache_round_%/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(call study_proxy,$*) --cache $(STUDY)/cache_round_$* $(KD_ARGS) \
+	  --out $(STUDY)/round_$* $(DISTILL_ARGS) $(STAGE) $(VAL_ARGS) $(call resume,$(STUDY)/round_$*)
+	touch $@
+$(STUDY)/alpha_%/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy $(call kd_args,$*,$(GAMMA)) \
+	  --out $(STUDY)/alpha_$* $(DISTILL_ARGS) $(STAGE) $(VAL_ARGS) $(call resume,$(STUDY)/alpha_$*)
+	touch $@
+$(STUDY)/gamma_%/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
+	$(PYTHON) distill.py train --method proxykd --init $(STUDENT_BASE) --data $(RUN)/split/D_s.jsonl \
+	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy $(call kd_args,$(ALPHA),$*) \
+	  --out $(STUDY)/gamma_$* $(DISTILL_ARGS) $(STAGE) $(VAL_ARGS) $(call resume,$(STUDY)/gamma_$*)
+	touch $@
+# a whole run (teacher, split, proxy, both students) with a teacher that slips at rate %, scored on validation
+$(STUDY)/slip_%/.done:
+	$(MAKE) --no-print-directory $(STUDY)/slip_$*/run/student_blackbox/.done $(STUDY)/slip_$*/run/student_proxykd/.done \
+	  RUN=$(STUDY)/slip_$*/run TEACHER_DIR=$(STUDY)/slip_$*/teacher SLIP_RATE=$* EVAL=$(VAL)
+	touch $@
 
 SMOKE_DIR ?= runs/smoke
 SMOKE_TARGETS ?= proxy student
@@ -295,8 +359,8 @@ SMOKE_TARGETS ?= proxy student
 # builds every row of the comparison at that size.
 smoke: $(VENV)/.runtime
 	$(MAKE) --no-print-directory $(SMOKE_TARGETS) WORLD=$(SMOKE_DIR)/world BASES=$(SMOKE_DIR)/bases \
-	  TEACHER_DIR=$(SMOKE_DIR)/teacher RUN=$(SMOKE_DIR)/run MAX_LEN=128 \
-	  N_PROMPTS=160 N_EVAL=24 N_CORPUS=300 ROUNDS=2 PROXY_SIZE=toy STUDENT_SIZE=toy \
+	  TEACHER_DIR=$(SMOKE_DIR)/teacher RUN=$(SMOKE_DIR)/run STUDY=$(SMOKE_DIR)/study MAX_LEN=128 \
+	  N_PROMPTS=160 N_EVAL=24 N_VAL=24 N_CORPUS=300 ROUNDS=2 PROXY_SIZE=toy STUDENT_SIZE=toy \
 	  PRETRAIN_ARGS="--lr 3e-3 --batch-size 32" SFT_ARGS="--lr 3e-3 --batch-size 8" \
 	  ALIGN_ARGS="--lr 1e-3 --batch-size 8 --gen-batch-size 32" DISTILL_ARGS="--lr 3e-3 --batch-size 8" \
 	  EVAL_ARGS="--eval $(SMOKE_DIR)/world/eval.jsonl --max-new-tokens 48" COMMON="--device cpu --seed 0 --quiet"

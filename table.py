@@ -1,8 +1,10 @@
-"""Results tables: `summary` after `make proxy` / `make student`, and `collect` for `make table`
-(every row of the paper's comparison over several seeds, mean ± std, as markdown and a PNG plot).
+"""Results tables: `summary` after `make proxy` / `make student`, `collect` for `make table` (every row of
+the paper's comparison over several seeds, mean ± std, as markdown and a PNG plot), and `study` for
+`make study` (Proxy-KD's gain over black-box KD as one setting moves away from the main job's).
 
     python table.py summary --run runs/seed0 --bases runs/bases --teacher runs/teacher
     python table.py collect --runs runs/seed0 runs/seed1 runs/seed2 --bases runs/bases --out runs/table.md
+    python table.py study --dir runs/study --alpha 1 --gamma 0.4 --rounds 2 --out runs/study.md
     python table.py numbers --model runs/seed0/proxy --data runs/teacher/teacher_eval.jsonl
 """
 from __future__ import annotations
@@ -186,6 +188,83 @@ def draw(rows, ags, rounds, path: Path):
     fig.savefig(path, dpi=110)
 
 
+# The study's axes: (directory prefix, what varies, the main job's value of it, log-scaled plot).
+AXES = [("round", "proxy strength: alignment rounds (accuracy of that proxy)", "rounds", False),
+        ("alpha", "alpha (weight of the KL)", "alpha", True),
+        ("gamma", "gamma (sharpness of the sample weights)", "gamma", True),
+        ("slip", "teacher slip rate", None, False)]
+
+
+def _acc(path: Path) -> float | None:
+    return json.loads(path.read_text())["accuracy"] if path.exists() else None
+
+
+def study_points(study: Path, main: dict) -> list[dict]:
+    """Every point of `make study` found under `study`: {axis, value, proxy, blackbox, proxykd} (accuracies on
+    the validation split, None where missing). The main job's run is the point each axis shares (its value
+    in `main`: alpha, gamma, rounds; slip rate 0); a slip-rate point is a whole run with its own teacher."""
+    ref = {"blackbox": _acc(study / "ref" / "blackbox.json"), "proxykd": _acc(study / "ref" / "proxykd.json")}
+    points = []
+    for prefix, _, key, _ in AXES:
+        values = {0.0 if key is None else float(main[key]): dict(ref)}
+        for d in study.glob(f"{prefix}_*"):
+            v = float(d.name.split("_", 1)[1])
+            if prefix == "slip":
+                run = d / "run"
+                values[v] = {"blackbox": _acc(run / "student_blackbox" / "eval.json"),
+                             "proxykd": _acc(run / "student_proxykd" / "eval.json")}
+            else:
+                values[v] = {"blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json")}
+        if prefix == "round":  # a proxy already scored whose student is not trained yet
+            for f in study.glob("proxy_round_*.json"):
+                values.setdefault(float(f.stem.rsplit("_", 1)[1]), {"blackbox": ref["blackbox"], "proxykd": None})
+        for v in sorted(values):
+            proxy = _acc(study / f"proxy_round_{int(v):02d}.json") if prefix == "round" else None
+            points.append({"axis": prefix, "value": v, "proxy": proxy, **values[v]})
+    return points
+
+
+def study(study_dir: Path, main: dict, out: Path, plot: Path | None, note: str = "") -> str:
+    pct = lambda a: "—" if a is None else f"{100 * a:.1f}"
+    label = {prefix: what for prefix, what, _, _ in AXES}
+    md = ["| what varies | value | proxy % | black-box KD % | Proxy-KD % | gain (points) |",
+          "| --- | --- | --- | --- | --- | --- |"]
+    points = study_points(study_dir, main)
+    for p in points:
+        gain = None if None in (p["blackbox"], p["proxykd"]) else p["proxykd"] - p["blackbox"]
+        p["gain"] = gain
+        md.append(f"| {label[p['axis']]} | {p['value']:g} | {pct(p['proxy'])} | {pct(p['blackbox'])} | "
+                  f"{pct(p['proxykd'])} | {'—' if gain is None else f'{100 * gain:+.1f}'} |")
+    text = (note + "\n\n" if note else "") + "\n".join(md) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if plot is not None:
+        draw_study(points, plot)
+    return text
+
+
+def draw_study(points, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(AXES), figsize=(4.2 * len(AXES), 3.8), sharey=True)
+    for ax, (prefix, what, _, log) in zip(axes, AXES):
+        ps = [p for p in points if p["axis"] == prefix and p["gain"] is not None]
+        xs = [100 * p["proxy"] if prefix == "round" and p["proxy"] is not None else p["value"] for p in ps]
+        ax.plot(xs, [100 * p["gain"] for p in ps], marker="o")
+        for x, p in zip(xs, ps):
+            if prefix == "round":
+                ax.annotate(f"round {p['value']:g}", (x, 100 * p["gain"]), fontsize=8)
+        ax.axhline(0, color="grey", lw=0.8)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("proxy accuracy on validation (%)" if prefix == "round" else what)
+        ax.set_title(what.split(":")[0].split(" (")[0])
+    axes[0].set_ylabel("Proxy-KD − black-box KD (points, validation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def number_accuracy(model_dir: Path, teacher_path: Path, limit: int = 100) -> dict:
     """Where a model fails on the teacher's solutions, teacher-forced top-1 over response tokens: every
     digit; whole numbers copied from the prompt; whole numbers right after "=" (a step's result); the
@@ -241,6 +320,14 @@ def main(argv=None):
     c.add_argument("--out", required=True, help="markdown file to write")
     c.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
     c.add_argument("--note", default="", help="a line above the table (command, machine)")
+    st = sub.add_parser("study", help="Proxy-KD's gain over black-box KD at every point of make study")
+    st.add_argument("--dir", required=True, help="the study directory (runs/study)")
+    st.add_argument("--alpha", type=float, required=True, help="the main job's alpha")
+    st.add_argument("--gamma", type=float, required=True, help="the main job's gamma")
+    st.add_argument("--rounds", type=int, required=True, help="the main job's alignment rounds K")
+    st.add_argument("--out", required=True, help="markdown file to write")
+    st.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
+    st.add_argument("--note", default="", help="a line above the table (command, machine)")
     n = sub.add_parser("numbers", help="teacher-forced accuracy on digits, copied numbers and step results")
     n.add_argument("--model", required=True, help="HF-layout checkpoint directory")
     n.add_argument("--data", required=True, help="teacher JSONL (e.g. runs/teacher/teacher_eval.jsonl)")
@@ -249,6 +336,10 @@ def main(argv=None):
     if args.cmd == "numbers":
         for k, (acc, count) in number_accuracy(Path(args.model), Path(args.data), args.limit).items():
             print(f"  {k:<16} {100 * acc:5.1f} %  of {count}")
+        return 0
+    if args.cmd == "study":
+        print(study(Path(args.dir), {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds},
+                    Path(args.out), Path(args.plot) if args.plot else None, args.note))
         return 0
     if args.cmd == "summary":
         print(summary(Path(args.run), Path(args.bases), Path(args.teacher) if args.teacher else None))

@@ -470,26 +470,39 @@ def world_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+def validation_problems(n: int, seed: int, eval_rows: list[dict], templates=None) -> list[dict]:
+    """n held-out problems for choosing hyperparameters: drawn like the eval problems (never a train
+    problem's arithmetic) with another seed, none with an eval problem's text. They share the eval side's
+    arithmetic pool (a few hundred number choices per template), in other names and objects."""
+    taken = {r["prompt"] for r in eval_rows}
+    rows = [r for r in make_problems(n + len(taken), seed + 123, "eval", templates) if r["prompt"] not in taken]
+    return [{**r, "id": "val-" + r["id"].split("-", 1)[1]} for r in rows[:n]]
+
+
 def write_world(out_dir, n_prompts: int, n_eval: int, n_corpus: int, vocab_size: int, seed: int,
-                templates=None):
+                templates=None, n_val: int = 300):
     """Everything the main job needs from the world: tokenizer, teacher prompts (the teacher sees only the
-    prompt text; "answer" stays here for scoring), held-out eval problems, and the pretraining corpus."""
+    prompt text; "answer" stays here for scoring), held-out eval problems, validation problems (for
+    choosing hyperparameters; see validation_problems), and the pretraining corpus."""
     chosen = [t[0] for t in world_templates(templates)]  # unknown names fail before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data.save_tokenizer(world_tokenizer(vocab_size, seed), out, fmt="plain")
     data.write_jsonl(out / "prompts.jsonl", make_problems(n_prompts, seed, "train", chosen))
-    data.write_jsonl(out / "eval.jsonl", make_problems(n_eval, seed, "eval", chosen))
+    eval_rows = make_problems(n_eval, seed, "eval", chosen)
+    data.write_jsonl(out / "eval.jsonl", eval_rows)
+    data.write_jsonl(out / "val.jsonl", validation_problems(n_val, seed, eval_rows, chosen))
     data.write_jsonl(out / "corpus.jsonl", [{"text": t} for t in pretrain_corpus(n_corpus, seed, chosen)])
 
 
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Write the embedded world: tokenizer, prompts.jsonl, eval.jsonl, corpus.jsonl.")
+    p = argparse.ArgumentParser(description="Write the embedded world: tokenizer, prompts.jsonl, eval.jsonl, val.jsonl, corpus.jsonl.")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--prompts", type=int, default=4000, help="problems the teacher will answer (all of D_w+D_p+D_s)")
     p.add_argument("--eval", type=int, default=500, help="held-out problems for accuracy (never in --prompts)")
+    p.add_argument("--val", type=int, default=300, help="validation problems (none with an eval problem's text)")
     p.add_argument("--corpus", type=int, default=20000, help="plain-text documents to pretrain the bases on")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (the world needs ~700)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
@@ -497,11 +510,12 @@ def main(argv=None):
                    help="comma-separated template names (see world.TEMPLATES), or 'all'")
     args = p.parse_args(argv)
     try:
-        write_world(args.out, args.prompts, args.eval, args.corpus, args.vocab_size, args.seed, args.templates)
+        write_world(args.out, args.prompts, args.eval, args.corpus, args.vocab_size, args.seed, args.templates,
+                    args.val)
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"world: {args.prompts} prompts, {args.eval} eval problems, {args.corpus} corpus documents in {args.out}")
+    print(f"world: {args.prompts} prompts, {args.eval} eval and {args.val} validation problems, {args.corpus} corpus documents in {args.out}")
     return 0
 
 

@@ -57,3 +57,29 @@ def test_summary_gathers_every_stage_timing_into_the_run(tmp_path):
     assert "    round_01                       37.5   sample 12.0 · reference 2.5 · train 13.0 · eval 10.0" in lines
     assert lines[-1] == "  total                           293.5"
     assert table.summary(run, bases, teacher) == text  # the gathered file is not read back as a stage
+
+
+def test_study_reads_every_axis_around_the_main_job(tmp_path):
+    def acc(path, a):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"accuracy": a, "n": 10}))
+    acc(tmp_path / "ref" / "blackbox.json", 0.50)
+    acc(tmp_path / "ref" / "proxykd.json", 0.60)
+    for k, a in ((0, 0.3), (1, 0.5), (2, 0.8)):
+        acc(tmp_path / f"proxy_round_{k:02d}.json", a)
+    acc(tmp_path / "round_00" / "eval.json", 0.45)
+    acc(tmp_path / "alpha_10" / "eval.json", 0.40)
+    acc(tmp_path / "gamma_0.1" / "eval.json", 0.55)
+    acc(tmp_path / "slip_0.1" / "run" / "student_blackbox" / "eval.json", 0.42)
+    acc(tmp_path / "slip_0.1" / "run" / "student_proxykd" / "eval.json", 0.47)
+    text = table.study(tmp_path, {"alpha": 1, "gamma": 0.4, "rounds": 2}, tmp_path / "s.md", None)
+    rows = {tuple(c.strip() for c in line.split("|")[2:7]) for line in text.splitlines()[2:]}
+    assert ("0", "30.0", "50.0", "45.0", "-5.0") in rows      # Proxy-KD from the warm-up proxy
+    assert ("1", "50.0", "50.0", "—", "—") in rows            # round 1: its student not trained yet
+    assert ("2", "80.0", "50.0", "60.0", "+10.0") in rows     # the main job, on the round axis
+    assert ("1", "—", "50.0", "60.0", "+10.0") in rows        # ... and on the alpha axis
+    assert ("10", "—", "50.0", "40.0", "-10.0") in rows
+    assert ("0.1", "—", "50.0", "55.0", "+5.0") in rows       # gamma 0.1
+    assert ("0.1", "—", "42.0", "47.0", "+5.0") in rows       # slip 0.1 brings its own black-box student
+    assert ("0", "—", "50.0", "60.0", "+10.0") in rows        # slip 0 is the main job
+    assert len(rows) == 2 + 2 + 2 + 2 + 1  # rounds 0-2, alpha 1 and 10, gamma 0.4 and 0.1, slip 0 and 0.1

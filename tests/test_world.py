@@ -149,3 +149,13 @@ def test_world_template_choice(tmp_path, capsys):
     # the CLI refuses an unknown name in one line before writing anything
     assert world.main(["--out", str(tmp_path / "w"), "--templates", "boxes,nope"]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_validation_problems_are_held_out_from_train_and_eval(train_eval):
+    train, ev = train_eval
+    val = world.validation_problems(200, seed=0, eval_rows=ev)
+    assert len(val) == 200 and all(r["id"].startswith("val-") for r in val)
+    assert not {r["prompt"] for r in val} & {r["prompt"] for r in ev + train}
+    arith = lambda rows: {(r["template"], tuple(re.findall(r"\d+", r["prompt"]))) for r in rows}
+    assert not arith(val) & arith(train)  # drawn on the eval side of the hash: never a train problem's numbers
+    assert val == world.validation_problems(200, seed=0, eval_rows=ev)
