@@ -306,7 +306,7 @@ STUDY_ALPHAS ?= 0.1 10 100
 STUDY_GAMMAS ?= 0.1 1.6
 STUDY_SLIPS ?= 0.1 0.3
 VAL_ARGS = --eval $(VAL) --max-new-tokens 160
-ROUND_K := $(shell printf %02d $(ROUNDS))
+ROUND_K = $(shell printf %02d $(ROUNDS))
 study_proxy = $(if $(filter 00,$(1)),$(RUN)/proxy_sft,$(RUN)/proxy/round_$(1))
 # Proxy-KD's gain over black-box KD on the validation split at every point (after the main job, which it
 # reuses): STUDY/study.md and STUDY/study.png.

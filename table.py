@@ -4,7 +4,7 @@ the paper's comparison over several seeds, mean ± std, as markdown and a PNG pl
 
     python table.py summary --run runs/seed0 --bases runs/bases --teacher runs/teacher
     python table.py collect --runs runs/seed0 runs/seed1 runs/seed2 --bases runs/bases --out runs/table.md
-    python table.py study --dir runs/study --alpha 1 --gamma 0.4 --rounds 2 --out runs/study.md
+    python table.py study --dir runs/study --alpha 1 --gamma 0.4 --rounds 2 --out runs/study/study.md
     python table.py numbers --model runs/seed0/proxy --data runs/teacher/teacher_eval.jsonl
 """
 from __future__ import annotations
@@ -34,12 +34,14 @@ ROWS = [
 ]
 
 
+def _acc(path: Path) -> float | None:
+    """The accuracy an eval JSON holds ({"accuracy": ...}: a stage's eval.json, `train.py eval`'s output)."""
+    return json.loads(path.read_text())["accuracy"] if path.exists() else None
+
+
 def accuracy(run: Path, bases: Path, where: str) -> float | None:
     d = bases / where.split(":", 1)[1] if where.startswith("bases:") else run / where
-    f = d / "eval.json"
-    if not f.exists():
-        return None
-    return json.loads(f.read_text())["accuracy"]
+    return _acc(d / "eval.json")
 
 
 def agreement(run: Path) -> dict[int, float]:
@@ -193,10 +195,6 @@ AXES = [("round", "proxy strength: alignment rounds (accuracy of that proxy)", "
         ("alpha", "alpha (weight of the KL)", "alpha", True),
         ("gamma", "gamma (sharpness of the sample weights)", "gamma", True),
         ("slip", "teacher slip rate", None, False)]
-
-
-def _acc(path: Path) -> float | None:
-    return json.loads(path.read_text())["accuracy"] if path.exists() else None
 
 
 def study_points(study: Path, main: dict) -> list[dict]:
