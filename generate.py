@@ -109,10 +109,14 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int, device):
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id=None, seed: int | None = None, pad_id: int = 0,
-             compile: bool = False, keep_stop: bool = False) -> list[list[int]]:
+             compile: bool = False, keep_stop: bool = False, logprobs: bool = False):
     """Each prompt's new tokens (prompts: lists of ids, any lengths), cut before the first stop token, or
     ending with it under keep_stop (whichever stop id the row emitted; a row cut by max_new_tokens ends
-    without one). eos_id: an id, a list of ids, or None (the config's eos ids). Same seed, same samples."""
+    without one). eos_id: an id, a list of ids, or None (the config's eos ids). Same seed, same samples.
+
+    logprobs=True returns (tokens, logps): also each kept token's log-probability under the model itself,
+    log_softmax of its untempered logits (whatever temperature and top_p drew it), so a sample's score under
+    the model that drew it needs no second pass (proxy_align: the round's reference is that model)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     device = model.device
@@ -138,11 +142,13 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temper
     pos = prompt_mask.sum(-1, keepdim=True) - 1  # [B, 1] position of each row's last real token
     step = decode_step(model, compile)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
+    out, lps = [], []
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gen)
         nxt = nxt.masked_fill(done, pad_id)
         out.append(nxt)
+        if logprobs:
+            lps.append(logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
         if len(out) == max_new_tokens:
             break
         if eos:  # without eos ids nothing can stop early: no per-step host sync
@@ -155,10 +161,14 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temper
         # all L: 1.5x less at 60 + 160); compiled, all L, so that one graph serves every step.
         n_keys = None if compile else P + i + 1
         logits = step(nxt[:, None], mask, pos, cache.at(torch.tensor([P + i], device=device), n_keys))
-    return [cut_at_stop(row, eos, keep_stop) for row in torch.stack(out, 1).tolist()]
+    rows = [cut_at_stop(row, eos, keep_stop) for row in torch.stack(out, 1).tolist()]
+    if not logprobs:
+        return rows
+    return rows, [lp[:len(row)] for row, lp in zip(rows, torch.stack(lps, 1).tolist())]
 
 
 def cut_at_stop(row: list[int], stop: list[int], keep_stop: bool) -> list[int]:
+    """row up to its first stop token (with it under keep_stop), or whole when it has none."""
     cut = next((i for i, t in enumerate(row) if t in stop), None)
     if cut is None:
         return row

@@ -122,10 +122,11 @@ def cmd_sft(args):
 
 @torch.no_grad()
 def sample_responses(model, tok, rows, fmt, *, temperature: float, top_p: float, seed: int, max_len: int,
-                     batch_size: int) -> list[list[int]]:
+                     batch_size: int, with_logps: bool = False):
     """One response per prompt, as token ids that end with the stop token the model emitted when it stopped by
     itself (the chat format's end of turn or the eos, whichever it sampled); a response cut at its budget keeps
-    none. The budget is the room the prompt leaves in max_len, as for the teacher's responses.
+    none. The budget is the room the prompt leaves in max_len, as for the teacher's responses. with_logps:
+    (responses, logps [n]), each response's summed log-probability under the model that drew it.
 
     Prompts are batched by length; a batch's seed is `seed` plus the batch's first position in that order, not
     who runs it, so N ranks draw exactly the samples one process draws (at the same batch_size)."""
@@ -142,22 +143,23 @@ def sample_responses(model, tok, rows, fmt, *, temperature: float, top_p: float,
     def run(job):
         b, idx = job
         budget = max(budgets) if lockstep else max(budgets[i] for i in idx)
-        new = generate(model, [prompts[i] for i in idx], budget, temperature=temperature,
-                       top_p=top_p, eos_id=[] if lockstep else stop, pad_id=pad, seed=seed + b, keep_stop=True)
+        new, lps = generate(model, [prompts[i] for i in idx], budget, temperature=temperature, top_p=top_p,
+                            eos_id=[] if lockstep else stop, pad_id=pad, seed=seed + b, keep_stop=True, logprobs=True)
         if lockstep:
             new = [cut_at_stop(t, stop, keep_stop=True) for t in new]
         # A row's own budget may be shorter than its batch's: a response cut there has no stop token.
-        return [t if len(t) <= budgets[i] else t[:budgets[i]] for i, t in zip(idx, new)]
+        new = [t[:budgets[i]] for i, t in zip(idx, new)]
+        return new, [sum(lp[:len(t)]) for t, lp in zip(new, lps)]
 
     model.eval()
     with train.autocast(model.device):
         results = dist.map_shared(run, [(b * batch_size, idx) for b, idx in enumerate(batches)], model)
     model.train()
-    out = [None] * len(rows)
-    for idx, toks in zip(batches, results):
-        for i, t in zip(idx, toks):
-            out[i] = t
-    return out
+    out, logps = [None] * len(rows), torch.zeros(len(rows))
+    for idx, (toks, lps) in zip(batches, results):
+        for i, t, lp in zip(idx, toks, lps):
+            out[i], logps[i] = t, lp
+    return (out, logps) if with_logps else out
 
 
 def cmd_sample(args):
@@ -200,10 +202,11 @@ def build_pairs(tok, rows, rejected_tokens, fmt, max_len):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [n] of every chosen and of every rejected sequence under the round's reference."""
+def reference_logps(model, pairs, pad_id, device, batch_size: int, which=(0, 1)) -> tuple[torch.Tensor, ...]:
+    """Summed response log-probs [n] under the round's reference, of every chosen (which 0) and of every
+    rejected (which 1) sequence, teacher-forced."""
     model.eval()
-    jobs = [(which, s) for which in (0, 1) for s in range(0, len(pairs), batch_size)]
+    jobs = [(w, s) for w in which for s in range(0, len(pairs), batch_size)]
 
     def run(job):
         which, s = job
@@ -213,7 +216,7 @@ def reference_logps(model, pairs, pad_id, device, batch_size: int) -> tuple[torc
     with train.autocast(device):
         done = dict(zip(jobs, dist.map_shared(run, jobs, model)))
     model.train()
-    return tuple(torch.cat([done[(which, s)] for s in range(0, len(pairs), batch_size)]) for which in (0, 1))
+    return tuple(torch.cat([done[(w, s)] for s in range(0, len(pairs), batch_size)]) for w in which)
 
 
 def save_round_data(rdir: Path, rows, rejected, ref_c, ref_r):
@@ -261,6 +264,8 @@ def pair_window_norm(pairs):
 def prepare_round(model, tok, chunk, fmt, args, k: int, rdir: Path, resumed: bool, device):
     """The pairs of round k and their reference log-probs: sampled now from the model, which is π_p^{k}, and
     scored by it once before any training (rank 0 stores them), or reloaded when a run resumes inside the round.
+    The model that drew a sample is the reference, so the sampling pass's own log-probs score the rejected
+    side (to float rounding: ~1e-6 a token in fp32) and only the teacher's responses take a second pass.
     Without DPO: the teacher's responses alone."""
     pad = data.special_ids(tok)["pad"]
     if not args.dpo:
@@ -270,12 +275,12 @@ def prepare_round(model, tok, chunk, fmt, args, k: int, rdir: Path, resumed: boo
         rejected, ref_c, ref_r = saved
         return build_pairs(tok, chunk, rejected, fmt, args.max_len), ref_c, ref_r
     with train.timed(rdir.parent, f"{rdir.name}/sample"):
-        rejected = sample_responses(model, tok, chunk, fmt, temperature=args.temperature, top_p=args.top_p,
-                                    seed=args.seed * 100003 + k * 1009, max_len=args.max_len,
-                                    batch_size=args.gen_batch_size)
+        rejected, ref_r = sample_responses(model, tok, chunk, fmt, temperature=args.temperature, top_p=args.top_p,
+                                           seed=args.seed * 100003 + k * 1009, max_len=args.max_len,
+                                           batch_size=args.gen_batch_size, with_logps=True)
     pairs = build_pairs(tok, chunk, rejected, fmt, args.max_len)
     with train.timed(rdir.parent, f"{rdir.name}/reference"):
-        ref_c, ref_r = reference_logps(model, pairs, pad, device, args.gen_batch_size)
+        (ref_c,) = reference_logps(model, pairs, pad, device, args.gen_batch_size, which=(0,))
     if dist.is_main():
         save_round_data(rdir, chunk, rejected, ref_c, ref_r)
     return pairs, ref_c, ref_r

@@ -64,6 +64,26 @@ def test_keep_stop_ends_each_row_with_the_stop_id_it_emitted(tmp_path):
     assert ends == set(stops) and any(len(k) == 16 for k in kept)  # both ids, and a budget-cut row
 
 
+def test_sampled_logprobs_equal_a_teacher_forced_pass(tmp_path):
+    """logprobs=True: each kept token's log p under the untempered model (whatever temperature and top_p drew
+    it), equal to a teacher-forced forward over prompt + sample; a row cut at its stop keeps the stop's."""
+    from model import token_logprobs
+    _, d = hf_model("llama3_gqa", tmp_path, init=0.3)
+    m = Llama.from_pretrained(d).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    plain = generate(m, prompts, 16, temperature=0.7, top_p=0.8, seed=3, eos_id=[])
+    stop = plain[0][6]
+    toks, lps = generate(m, prompts, 16, temperature=0.7, top_p=0.8, seed=3, eos_id=stop, keep_stop=True,
+                         logprobs=True)
+    assert toks == generate(m, prompts, 16, temperature=0.7, top_p=0.8, seed=3, eos_id=stop, keep_stop=True)
+    assert toks[0][-1] == stop and len(toks[0]) <= 7
+    for p, t, lp in zip(prompts, toks, lps):
+        assert len(lp) == len(t) and all(x <= 0 for x in lp)
+        with torch.no_grad():
+            ref = token_logprobs(m, torch.tensor([p + t]))[0, len(p) - 1:]
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=0)
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
