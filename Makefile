@@ -321,12 +321,12 @@ study: $(VENV)/.dev
 # the main job's two students, scored on the validation split
 $(STUDY)/ref/.done: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
 	@mkdir -p $(STUDY)/ref
-	$(PYTHON) train.py eval --model $(RUN)/student_blackbox --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/blackbox.json
-	$(PYTHON) train.py eval --model $(RUN)/student_proxykd --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/proxykd.json
+	$(PYTHON) evaluation.py --model $(RUN)/student_blackbox --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/blackbox.json
+	$(PYTHON) evaluation.py --model $(RUN)/student_proxykd --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/proxykd.json
 	touch $@
 $(STUDY)/proxy_round_%.json: $(RUN)/proxy/.done
 	@mkdir -p $(STUDY)
-	$(PYTHON) train.py eval --model $(call study_proxy,$*) --data $(VAL) --device $(DEVICE) > $@.tmp
+	$(PYTHON) evaluation.py --model $(call study_proxy,$*) --data $(VAL) --device $(DEVICE) > $@.tmp
 	mv $@.tmp $@
 $(STUDY)/cache_round_%/.done: $(RUN)/proxy/.done
 	$(PYTHON) distill.py cache --proxy $(call study_proxy,$*) --data $(RUN)/split/D_s.jsonl --out $(STUDY)/cache_round_$* \
@@ -428,7 +428,7 @@ real: $(MODELS)/smollm2-student/config.json
 real-bases: $(REAL_DIR)/bases/proxy/eval.json $(REAL_DIR)/bases/student/eval.json
 $(REAL_DIR)/bases/%/eval.json: $(REAL_DIR)/world/.done $(MODELS)/smollm2-student/config.json
 	@mkdir -p $(@D)
-	$(PYTHON) train.py eval --model $(if $(filter proxy,$*),$(REAL_PROXY),$(REAL_STUDENT)) \
+	$(PYTHON) evaluation.py --model $(if $(filter proxy,$*),$(REAL_PROXY),$(REAL_STUDENT)) \
 	  --data $(REAL_DIR)/world/eval.jsonl --max-new-tokens $(REAL_MAX_NEW) --batch-size $(REAL_GEN_BATCH) \
 	  --device $(DEVICE) --out $(@D)/outputs.jsonl > $@.tmp
 	mv $@.tmp $@

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import cache
 import data
 import dist
+import evaluation
 import train
 from cache import CHUNK_TOKENS, ProxyCache
 from model import hidden_at, map_chunks
@@ -251,7 +252,7 @@ def cmd_train(args):
         finished = train.train_stage(model, seqs, loss_fn, args, tok, device, "distill", batch_fn=batch_fn)
     if finished and args.eval:
         with train.timed(out, "eval"):
-            train.report_eval(model, tok, fmt, args, out, {"stage": "distill", "method": args.method})
+            evaluation.report_eval(model, tok, fmt, args, out, {"stage": "distill", "method": args.method})
     return 0 if finished else 3
 
 

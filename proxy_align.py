@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import data
 import dist
+import evaluation
 import train
 from generate import cut_at_stop, generate
 from model import token_logprobs
@@ -114,7 +115,7 @@ def cmd_sft(args):
         finished = train.train_stage(model, seqs, train.nll_loss_fn, args, tok, device, "sft")
     if finished and args.eval:
         with train.timed(args.out, "eval"):
-            train.report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
+            evaluation.report_eval(model, tok, fmt, args, Path(args.out), {"stage": "sft"})
     return 0 if finished else 3
 
 
@@ -388,10 +389,10 @@ def log_round_end(model, tok, fmt, args, heldout, log, k: int):
     def measure(m):
         row = {"stage": "round_end", "round": k}
         if heldout:
-            row["agreement"] = train.top1_agreement(m, tok, heldout, fmt, args.max_len, args.gen_batch_size)
+            row["agreement"] = evaluation.top1_agreement(m, tok, heldout, fmt, args.max_len, args.gen_batch_size)
         if args.eval and k > 0:
             rows = data.read_prompts(args.eval)[: args.eval_limit or None]
-            row["eval_accuracy"] = train.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
+            row["eval_accuracy"] = evaluation.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
                                                   desc=f"eval round {k}")["accuracy"]
         log(row)
         return row

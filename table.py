@@ -35,7 +35,7 @@ ROWS = [
 
 
 def _acc(path: Path) -> float | None:
-    """The accuracy an eval JSON holds ({"accuracy": ...}: a stage's eval.json, `train.py eval`'s output)."""
+    """The accuracy an eval JSON holds ({"accuracy": ...}: a stage's eval.json, `evaluation.py`'s output)."""
     return json.loads(path.read_text())["accuracy"] if path.exists() else None
 
 

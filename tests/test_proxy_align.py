@@ -267,3 +267,22 @@ def test_sample_writes_teacher_rows(world, sft_proxy, tmp_path):
     assert run("sample", "--init", sft_proxy, "--data", world / "small.jsonl", "--out", again, "--max-len", "128",
                "--device", "cpu") == 0
     assert data.read_jsonl(again) == rows
+
+
+def test_evaluation_cli_scores_a_checkpoint_and_refuses_unscored_rows(world, sft_proxy, tmp_path, capsys):
+    """`python evaluation.py`: the printed accuracy is the mean of the per-row scores it writes with --out,
+    each row's output decoded greedily (the same text twice); rows without an answer are refused."""
+    import json
+    import evaluation
+    argv = ["--model", str(sft_proxy), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "o.jsonl")]
+    evaluation.main(argv)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = data.read_jsonl(tmp_path / "o.jsonl")
+    assert res["n"] == len(rows) == 16 and res["correct"] == sum(r["correct"] for r in rows)
+    assert all(r["correct"] == data.is_correct(r["output"], r["answer"]) for r in rows)
+    evaluation.main(argv[:4] + ["--limit", "5", "--out", str(tmp_path / "p.jsonl")])
+    assert [r["output"] for r in data.read_jsonl(tmp_path / "p.jsonl")] == [r["output"] for r in rows[:5]]
+    data.write_jsonl(tmp_path / "bare.jsonl", [{"prompt": "Tom has 3 cards."}])
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--model", str(sft_proxy), "--data", str(tmp_path / "bare.jsonl")])
+    assert e.value.code == 2 and "answer" in capsys.readouterr().err
