@@ -102,10 +102,24 @@ def align_loss(fwd, batch, norm, beta: float, mode: str, use_dpo: bool = True):
 
 # --------------------------------------------------------------------------------------------- sft
 
+def replay_rows(path, n: int, seed: int) -> list[dict]:
+    """n {"text"} rows drawn at random (by seed) from a pretraining file, to train on beside the teacher's: the
+    base keeps reading its own text while it takes up the teacher's (rehearsal; off in the paper)."""
+    rows = data.read_jsonl(path)
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)), None)
+    if bad is not None:
+        raise data.DataError(f"{path}:{bad}: --replay rows need a \"text\" string (pretraining text)")
+    if n > len(rows):
+        raise data.DataError(f"{path}: --replay-n {n} but the file has {len(rows)} rows")
+    return random.Random(f"replay:{seed}").sample(rows, n)
+
+
 def cmd_sft(args):
     rows = data.read_jsonl(args.data)
     if not rows or "response" in rows[0] or "text" not in rows[0]:  # teacher rows, not pretraining text
         rows = None
+    if args.replay:
+        rows = (rows or train.teacher_rows(args.data)) + replay_rows(args.replay, args.replay_n, args.seed)
     device, tok, fmt, rows, seqs, model = train.stage_setup(args, rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     train.write_args(args.out, args, {"format": fmt, "n_samples": len(seqs)})
@@ -413,6 +427,10 @@ def build_parser():
         s.add_argument("--format", default=None, help="chat format plain|chatml|llama3 (default: from --init)")
         train.add_eval_args(s, "after the stage/round")
         train.add_train_args(s)
+        if name == "sft":
+            s.add_argument("--replay", default=None, help="{\"text\"} JSONL (the base's pretraining text) to train on "
+                           "beside --data; off by default (the paper's warm-up is --data alone)")
+            s.add_argument("--replay-n", type=int, default=0, help="how many --replay rows, drawn by --seed")
         if name == "align":
             s.add_argument("--rounds", type=int, default=16, help="K alignment rounds over chunks of D_p (paper: 16)")
             s.add_argument("--dpo", action=argparse.BooleanOptionalAction, default=True,

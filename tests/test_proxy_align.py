@@ -2,6 +2,8 @@
 loop's accumulation and resume (refused when the rounds would change), the w/o-DPO rounds, the `sample` command,
 and alignment on a tiny world measured on truly held-out teacher text."""
 
+import json
+
 import pytest
 import torch
 
@@ -93,6 +95,31 @@ def test_accumulation_batch_8x1_equals_2x4(world, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
     la, lb = metric_rows(tmp_path / "a", "sft"), metric_rows(tmp_path / "b", "sft")
     assert [r["nll"] for r in la] == pytest.approx([r["nll"] for r in lb], rel=1e-5)
+
+
+def test_sft_replay_trains_on_the_teacher_rows_and_the_drawn_text(world, tmp_path, capsys):
+    """--replay F --replay-n N: the warm-up trains on --data plus N {"text"} rows of F drawn by the seed (text
+    rows train every token, teacher rows their response); the draw depends on the seed alone; a file of other
+    rows, or too few rows, is refused in one line."""
+    texts = [{"text": f"Mia has {i} apples. Tom has {i + 2} pens."} for i in range(40)]
+    data.write_jsonl(tmp_path / "corpus.jsonl", texts)
+    drawn = proxy_align.replay_rows(tmp_path / "corpus.jsonl", 6, seed=1)
+    assert drawn == proxy_align.replay_rows(tmp_path / "corpus.jsonl", 6, seed=1) != \
+        proxy_align.replay_rows(tmp_path / "corpus.jsonl", 6, seed=2)
+    assert len({r["text"] for r in drawn}) == 6 and all(r in texts for r in drawn)
+    common = ["--batch-size", "6", "--epochs", "1"]
+    assert run(*sft_args(world, tmp_path / "a", *common, "--replay", tmp_path / "corpus.jsonl", "--replay-n", "6")) == 0
+    assert json.loads((tmp_path / "a" / "args.json").read_text())["n_samples"] == 48 + 6
+    # the same rows through the loop's own path: teacher rows and text rows in one list
+    rows = data.read_teacher(world / "small.jsonl") + drawn
+    tok = data.load_tokenizer(world)
+    seqs, _ = train.encode_seqs(tok, rows, "plain", 1024)
+    assert sum(s.n_targets for s in seqs[48:]) == sum(len(tok.encode(r["text"]).ids) + 1 for r in drawn)
+    data.write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "response": "y"}])
+    for f, n, msg in ((tmp_path / "bad.jsonl", "1", "need a \"text\""), (tmp_path / "corpus.jsonl", "41", "has 40 rows")):
+        with pytest.raises(SystemExit) as e:
+            run(*sft_args(world, tmp_path / "b", *common, "--replay", f, "--replay-n", n))
+        assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
 def test_sft_resume_is_bitwise_identical(world, tmp_path):
