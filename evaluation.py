@@ -74,7 +74,6 @@ def top1_agreement(model: Llama, tok, rows: list[dict], fmt: str, max_len: int, 
     return hit / max(1, tot)
 
 
-
 # ------------------------------------------------------------------------------------------- CLI
 
 def main(argv=None):

@@ -158,13 +158,14 @@ def sample_responses(model, tok, rows, fmt, *, temperature: float, top_p: float,
     def run(job):
         b, idx = job
         budget = max(budgets) if lockstep else max(budgets[i] for i in idx)
-        new, lps = generate(model, [prompts[i] for i in idx], budget, temperature=temperature, top_p=top_p,
-                            eos_id=[] if lockstep else stop, pad_id=pad, seed=seed + b, keep_stop=True, logprobs=True)
+        got = generate(model, [prompts[i] for i in idx], budget, temperature=temperature, top_p=top_p,
+                       eos_id=[] if lockstep else stop, pad_id=pad, seed=seed + b, keep_stop=True, logprobs=with_logps)
+        new, lps = got if with_logps else (got, None)
         if lockstep:
             new = [cut_at_stop(t, stop, keep_stop=True) for t in new]
         # A row's own budget may be shorter than its batch's: a response cut there has no stop token.
         new = [t[:budgets[i]] for i, t in zip(idx, new)]
-        return new, [sum(lp[:len(t)]) for t, lp in zip(new, lps)]
+        return new, [sum(lp[:len(t)]) for t, lp in zip(new, lps)] if with_logps else [0.0] * len(new)
 
     model.eval()
     with train.autocast(model.device):
@@ -407,7 +408,7 @@ def log_round_end(model, tok, fmt, args, heldout, log, k: int):
         if args.eval and k > 0:
             rows = data.read_prompts(args.eval)[: args.eval_limit or None]
             row["eval_accuracy"] = evaluation.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
-                                                  desc=f"eval round {k}")["accuracy"]
+                                                       desc=f"eval round {k}")["accuracy"]
         log(row)
         return row
     return dist.on_main(measure, model)

@@ -299,7 +299,6 @@ def test_sample_writes_teacher_rows(world, sft_proxy, tmp_path):
 def test_evaluation_cli_scores_a_checkpoint_and_refuses_unscored_rows(world, sft_proxy, tmp_path, capsys):
     """`python evaluation.py`: the printed accuracy is the mean of the per-row scores it writes with --out,
     each row's output decoded greedily (the same text twice); rows without an answer are refused."""
-    import json
     import evaluation
     argv = ["--model", str(sft_proxy), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "o.jsonl")]
     evaluation.main(argv)
