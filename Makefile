@@ -75,14 +75,17 @@ EVAL ?= $(WORLD)/eval.jsonl
 VAL ?= $(WORLD)/val.jsonl
 PROXY_INIT ?=
 STUDENT_INIT ?=
-# Sizes of the embedded bases (model.PRESETS) when no PROXY_INIT / STUDENT_INIT is given.
-PROXY_SIZE ?= tiny-proxy
+# Sizes of the embedded bases (model.PRESETS) when no PROXY_INIT / STUDENT_INIT is given. The proxy has the
+# student's architecture, pretrained 2.5 times longer (PROXY_PRETRAIN_EPOCHS): the larger tiny-proxy learned the
+# teacher's text more slowly than tiny-student under every recipe tried (README "How the recipe was chosen").
+PROXY_SIZE ?= tiny-student
 STUDENT_SIZE ?= tiny-student
 # The algorithm (README: "The algorithm and its defaults"): K rounds, DPO beta and log-prob mode, proxy top-k,
-# alpha, gamma, the KL's smoothing. ROUNDS, ALPHA and the epochs below were chosen on a validation split of
-# held-out problems for the tiny models (the paper: K = 16, alpha = 100; README "Results" gives both).
+# alpha, gamma, the KL's smoothing. ROUNDS, BETA, ALPHA and the epochs below were chosen on a validation split of
+# held-out problems for the tiny models (the paper: K = 16, alpha = 100, the authors' code beta = 1 with mean
+# log-probs; README "How the recipe was chosen" gives both).
 ROUNDS ?= 2
-BETA ?= 1.0
+BETA ?= 0.1
 DPO_LOGP ?= mean
 TOPK ?= 10
 ALPHA ?= 1
@@ -92,8 +95,8 @@ GAMMA ?= 0.4
 PRETRAIN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 50 --batch-size 16
 PROXY_PRETRAIN_EPOCHS ?= 1
 STUDENT_PRETRAIN_EPOCHS ?= 0.4
-SFT_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 10
-ALIGN_ARGS ?= --lr 1e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 3
+SFT_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 10
+ALIGN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 12
 DISTILL_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 12
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
@@ -142,7 +145,7 @@ $(WORLD)/.done: | $(VENV)/.runtime
 	touch $@
 
 # Rebuild the shipped bases: pretrain the proxy and the student base on the world's plain text (the proxy
-# larger and longer, as open LLMs are); about 4 minutes on 2 cores.
+# longer, as a stronger open LLM is); about 4 minutes on 2 cores.
 bases: | $(WORLD)/.done
 	rm -rf $(BASES)/proxy $(BASES)/student
 	$(MAKE) --no-print-directory $(BASES)/proxy/.done $(BASES)/student/.done
