@@ -1,14 +1,14 @@
 """Speed, side by side: our code and a peer on the same shapes, in one process, one table.
 
-    python bench.py                  # CPU: the main job's two models at its shapes; CUDA: Llama-3.2-1B
+    python bench.py                  # CPU: the main job's model size at its shapes; CUDA: Llama-3.2-1B
     python bench.py --size tiny      # a tiny model in seconds (the CI smoke test)
     python bench.py --threads 1 --clock cpu --compile --json runs/bench.json
 
 Sizes (--size):
-    main          the CPU default: model.PRESETS tiny-proxy and tiny-student at vocabulary 1024, at the shapes the
-                  main job's stages run them. Training: micro-batches of 16 right-padded sequences of 70-74 tokens
-                  with the first 40 % (the prompt) masked out of the loss, as data.collate hands train.fit a
-                  length-sorted window. Generation: 64 prompts of 56-64 tokens, left-padded, greedy +48 and +160
+    main          the CPU default: model.PRESETS tiny-student (the main job's proxy and student) at vocabulary
+                  1024, at the shapes the main job's stages run it. Training: micro-batches of 16 right-padded
+                  sequences of 70-74 tokens with the first 40 % (the prompt) masked out of the loss, as
+                  data.collate hands train.fit a length-sorted window. Generation: 64 prompts of 56-64 tokens, left-padded, greedy +48 and +160
                   (evaluation) and top-p 0.8 at temperature 1 (alignment sampling). The student's KD loss, the
                   proxy's DPO step.
     llama-3.2-1b  the CUDA default: Llama-3.2-1B at random init, bf16 autocast over fp32 weights, batch 4 × 2048.
@@ -57,8 +57,9 @@ from model import Config
 SECTIONS = ("train", "decode", "kdloss", "dpo")
 SIZES = {"llama-3.2-1b": [("llama-3.2-1b", 128256, SECTIONS)],
          "tiny": [("tiny-student", 4096, SECTIONS)],
-         "main": [("tiny-proxy", 1024, ("train", "decode", "dpo")),  # pretraining, SFT, alignment, evals
-                  ("tiny-student", 1024, ("train", "decode", "kdloss"))]}  # pretraining, distillation, evals
+         # the main job's proxy and student share tiny-student's architecture: pretraining, SFT, alignment,
+         # distillation, evals
+         "main": [("tiny-student", 1024, SECTIONS)]}
 # Per-size shapes. ragged: lengths spread around seq / prompt_len with padding, the prompt masked out of the
 # training loss (the main job's batches), else full-length rows with every token a target. kd_chunk: tokens per
 # chunk of the distillation loss; None is distill.CHUNK_TOKENS (1024). The tiny size's 128 tokens would fit one
