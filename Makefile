@@ -8,8 +8,8 @@ PYTHON := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Intra-op threads per process. Stages that run side by side (`make student`, `make table`, `make study`) take one
 # core each: THREADS=1, as more threads than cores lose a lot. `make proxy` runs its stages one after another, so
-# each takes PROXY_THREADS: on 2 cores the warm-up SFT steps run 1.6x faster at 2 threads than at 1, with
-# bit-identical weights (README: "Where the main job's time goes"). THREADS=0: torch's default.
+# each takes PROXY_THREADS: on 2 cores the warm-up SFT trains 1.5x faster at 2 threads than at 1, to the same
+# weights bit for bit (README: "Where the main job's time goes"). THREADS=0: torch's default.
 THREADS ?= 1
 PROXY_THREADS ?= 2
 ifneq ($(THREADS),0)
@@ -77,7 +77,7 @@ PROXY_INIT ?=
 STUDENT_INIT ?=
 # Sizes of the embedded bases (model.PRESETS) when no PROXY_INIT / STUDENT_INIT is given. The proxy has the
 # student's architecture, pretrained 2.5 times longer (PROXY_PRETRAIN_EPOCHS): the larger tiny-proxy learned the
-# teacher's text more slowly than tiny-student under every recipe tried (README "How the recipe was chosen").
+# teacher's text more slowly per step, at 2.4 times the cost of a step (README "How the recipe was chosen").
 PROXY_SIZE ?= tiny-student
 STUDENT_SIZE ?= tiny-student
 # The algorithm (README: "The algorithm and its defaults"): K rounds, DPO beta and log-prob mode, proxy top-k,

@@ -8,9 +8,9 @@ Sizes (--size):
     main          the CPU default: model.PRESETS tiny-student (the main job's proxy and student) at vocabulary
                   1024, at the shapes the main job's stages run it. Training: micro-batches of 16 right-padded
                   sequences of 70-74 tokens with the first 40 % (the prompt) masked out of the loss, as
-                  data.collate hands train.fit a length-sorted window. Generation: 64 prompts of 56-64 tokens, left-padded, greedy +48 and +160
-                  (evaluation) and top-p 0.8 at temperature 1 (alignment sampling). The student's KD loss, the
-                  proxy's DPO step.
+                  data.collate hands train.fit a length-sorted window. Generation: 64 prompts of 56-64 tokens,
+                  left-padded, greedy +48 and +160 (evaluation) and top-p 0.8 at temperature 1 (alignment
+                  sampling). The student's KD loss, the proxy's DPO step.
     llama-3.2-1b  the CUDA default: Llama-3.2-1B at random init, bf16 autocast over fp32 weights, batch 4 × 2048.
     tiny          tiny-student at vocabulary 4096, a few tokens: proves the benchmark runs.
 
