@@ -301,13 +301,16 @@ class Config:
         return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
 
 
-# Named sizes for random init. The tiny ones are the embedded world's bases, sized so the whole main
-# job fits 2 CPU cores in minutes (README: "The embedded world"); the proxy is larger, as an open LLM
-# that stands in for the teacher is larger than the student.
+# Named sizes for random init. The embedded world's bases (README: "The embedded world"): the proxy has
+# tiny-student's architecture (0.64 M parameters), the student nano-student's (0.14 M), so the proxy is the
+# larger model, as an open LLM that stands in for the teacher is larger than the student; the student's
+# name is its role in earlier recipes. tiny-proxy (1.71 M) was the proxy before.
 PRESETS = {
     "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-student": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "nano-student": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-proxy": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
