@@ -5,12 +5,12 @@
     python bench.py --threads 1 --clock cpu --compile --json runs/bench.json
 
 Sizes (--size):
-    main          the CPU default: model.PRESETS tiny-student (the main job's proxy and student) at vocabulary
-                  1024, at the shapes the main job's stages run it. Training: micro-batches of 16 right-padded
-                  sequences of 70-74 tokens with the first 40 % (the prompt) masked out of the loss, as
-                  data.collate hands train.fit a length-sorted window. Generation: 64 prompts of 56-64 tokens,
-                  left-padded, greedy +48 and +160 (evaluation) and top-p 0.8 at temperature 1 (alignment
-                  sampling). The student's KD loss, the proxy's DPO step.
+    main          the CPU default: model.PRESETS tiny-student (the main job's proxy) and nano-student (its
+                  student) at the world tokenizer's vocabulary of 702, at the shapes the main job's stages run
+                  them. Training: micro-batches of 16 right-padded sequences of 70-74 tokens with the first 40 %
+                  (the prompt) masked out of the loss, as data.collate hands train.fit a length-sorted window.
+                  Generation: 64 prompts of 56-64 tokens, left-padded, greedy +48 and +160 (evaluation) and
+                  top-p 0.8 at temperature 1 (alignment sampling). The student's KD loss, the proxy's DPO step.
     llama-3.2-1b  the CUDA default: Llama-3.2-1B at random init, bf16 autocast over fp32 weights, batch 4 × 2048.
     tiny          tiny-student at vocabulary 4096, a few tokens: proves the benchmark runs.
 
@@ -57,9 +57,10 @@ from model import Config
 SECTIONS = ("train", "decode", "kdloss", "dpo")
 SIZES = {"llama-3.2-1b": [("llama-3.2-1b", 128256, SECTIONS)],
          "tiny": [("tiny-student", 4096, SECTIONS)],
-         # the main job's proxy and student share tiny-student's architecture: pretraining, SFT, alignment,
-         # distillation, evals
-         "main": [("tiny-student", 1024, SECTIONS)]}
+         # the main job's proxy (tiny-student: pretraining, SFT, alignment, its evals) and student
+         # (nano-student: distillation, its evals), at the world tokenizer's 702 tokens
+         "main": [("tiny-student", 702, ("train", "decode", "dpo")),
+                  ("nano-student", 702, ("train", "decode", "kdloss"))]}
 # Per-size shapes. ragged: lengths spread around seq / prompt_len with padding, the prompt masked out of the
 # training loss (the main job's batches), else full-length rows with every token a target. kd_chunk: tokens per
 # chunk of the distillation loss; None is distill.CHUNK_TOKENS (1024). The tiny size's 128 tokens would fit one
