@@ -1,6 +1,6 @@
 """Speed, side by side: our code and a peer on the same shapes, in one process, one table.
 
-    python bench.py                  # CPU: the main job's model size at its shapes; CUDA: Llama-3.2-1B
+    python bench.py                  # CPU: the main job's two models at its shapes; CUDA: Llama-3.2-1B
     python bench.py --size tiny      # a tiny model in seconds (the CI smoke test)
     python bench.py --threads 1 --clock cpu --compile --json runs/bench.json
 

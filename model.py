@@ -303,8 +303,8 @@ class Config:
 
 # Named sizes for random init. The embedded world's bases (README: "The embedded world"): the proxy has
 # tiny-student's architecture (0.64 M parameters), the student nano-student's (0.14 M), so the proxy is the
-# larger model, as an open LLM that stands in for the teacher is larger than the student; the student's
-# name is its role in earlier recipes. tiny-proxy (1.71 M) was the proxy before.
+# larger model, as an open LLM that stands in for the teacher is larger than the student (tiny-student keeps
+# the name of its role in earlier recipes; tiny-proxy, 1.71 M, was the proxy before).
 PRESETS = {
     "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
