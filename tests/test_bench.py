@@ -122,3 +122,12 @@ def test_race_alternates_the_sides_and_keeps_each_rounds_ratio():
     assert calls == ["o", "p"] + ["o", "p"] * 3  # warm-up, then interleaved rounds
     assert len(r["ratios"]) == 3 and min(r["ratios"]) > 1  # peer/ours per round: the sleeping side is slower
     assert r["s"]["peer"] >= 0.01 and len(r["load"]) == 2
+
+
+def test_main_size_is_the_shipped_bases_architecture_and_vocabulary():
+    """bench.py runs without a tokenizer, so SIZES["main"] spells the world's vocabulary out: it must stay what the
+    shipped bases (built by `make bases` on the world's tokenizer) hold, preset for preset."""
+    for (preset, vocab, _), base in zip(bench.SIZES["main"], ("proxy", "student")):
+        shipped = Config.from_json(ROOT / "bases" / base / "config.json")
+        ids = {k: getattr(shipped, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # the tokenizer's
+        assert Config.preset(preset, vocab, **ids) == shipped, f"bench.SIZES['main'] {preset}/{vocab} vs bases/{base}"
