@@ -101,8 +101,8 @@ ALIGN_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 -
 DISTILL_ARGS ?= --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 24
 EVAL_ARGS ?= --eval $(EVAL) --max-new-tokens 160
 CLIENT_ARGS ?=
-# optimizer steps between a training stage's checkpoints (each ~8 MB at the embedded sizes, written in
-# milliseconds), so a killed stage loses at most this many; 0: only at the end
+# optimizer steps between a training stage's checkpoints (a few MB at the embedded sizes, ~0.1 s each), so a
+# killed stage loses at most this many; 0: only at the end
 SAVE_EVERY ?= 500
 COMMON = --device $(DEVICE) --seed $(SEED) --log-every 25 --save-every $(SAVE_EVERY)
 # Tokens per sequence after the split (the world's longest teacher answer is ~130 tokens); it also bounds the

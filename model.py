@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-from checkpoint import CheckpointError, check_tensors, read_safetensors_dir  # noqa: F401 (CheckpointError: model's API)
+from checkpoint import CheckpointError, check_tensors, read_safetensors_dir, write_safetensors_dir
 
 
 # --------------------------------------------------------------------------------------------- leaves
@@ -417,7 +416,7 @@ class Llama(nn.Module):
         sd = merged_state_dict(self)
         if self.cfg.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # HF omits the tied head
-        checkpoint.write_safetensors_dir(path, sd, self.cfg.to_hf(), max_shard_bytes)
+        write_safetensors_dir(path, sd, self.cfg.to_hf(), max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=torch.float32) -> "Llama":
