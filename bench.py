@@ -5,7 +5,7 @@
     python bench.py --threads 1 --clock cpu --compile --json runs/bench.json
 
 Sizes (--size):
-    main          the CPU default: model.PRESETS tiny-student (the main job's proxy) and nano-student (its
+    main          the CPU default: model.PRESETS tiny-student (the main job's proxy) and micro-student (its
                   student) at the world tokenizer's vocabulary of 702, at the shapes the main job's stages run
                   them. Training: micro-batches of 16 right-padded sequences of 70-74 tokens with the first 40 %
                   (the prompt) masked out of the loss, as data.collate hands train.fit a length-sorted window.
@@ -58,9 +58,9 @@ SECTIONS = ("train", "decode", "kdloss", "dpo")
 SIZES = {"llama-3.2-1b": [("llama-3.2-1b", 128256, SECTIONS)],
          "tiny": [("tiny-student", 4096, SECTIONS)],
          # the main job's proxy (tiny-student: pretraining, SFT, alignment, its evals) and student
-         # (nano-student: distillation, its evals), at the world tokenizer's 702 tokens
+         # (micro-student: distillation, its evals), at the world tokenizer's 702 tokens
          "main": [("tiny-student", 702, ("train", "decode", "dpo")),
-                  ("nano-student", 702, ("train", "decode", "kdloss"))]}
+                  ("micro-student", 702, ("train", "decode", "kdloss"))]}
 # Per-size shapes. ragged: lengths spread around seq / prompt_len with padding, the prompt masked out of the
 # training loss (the main job's batches), else full-length rows with every token a target. kd_chunk: tokens per
 # chunk of the distillation loss; None is distill.CHUNK_TOKENS (1024). The tiny size's 128 tokens would fit one

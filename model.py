@@ -298,14 +298,17 @@ class Config:
 
 
 # Named sizes for random init. The embedded world's bases (README: "The embedded world"): the proxy has
-# tiny-student's architecture (0.64 M parameters), the student nano-student's (0.14 M), so the proxy is the
-# larger model, as an open LLM that stands in for the teacher is larger than the student (tiny-student keeps
-# the name of its role in earlier recipes; tiny-proxy, 1.71 M, was the proxy before).
+# tiny-student's architecture (0.64 M parameters), the student micro-student's (0.04 M, 16 times smaller), so
+# the proxy is far the larger model, as an open LLM that stands in for the teacher is larger than the student
+# (tiny-student keeps the name of its role in earlier recipes; nano-student, 0.14 M, was the student before and
+# learned this world as well as the proxy on its own; tiny-proxy, 1.71 M, was the proxy before that).
 PRESETS = {
     "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-student": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "micro-student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "nano-student": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-proxy": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
