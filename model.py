@@ -307,6 +307,8 @@ PRESETS = {
                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-student": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    # toy's architecture under its own name: toy is the tests' smoke size and may change, the shipped student
+    # base (bases/student) must not change with it
     "micro-student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "nano-student": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
