@@ -34,10 +34,10 @@ def test_bench_tiny_on_cpu_end_to_end(tmp_path):
     # One thread: the bench is a smoke test here, and on a shared 2-core box a second process's OpenMP
     # threads can slow a 2-thread run a hundredfold (measured while writing this test).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
+    # The timeout guards against a hang only: how long the run takes is the benchmark's business, not a test's
+    # (a wall-clock bound here failed under load from other processes).
     p = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--size", "tiny", "--steps", "3", "--json",
                         str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    elapsed = time.time() - t0
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| section | metric" in p.stdout and "on CPU" in p.stdout
     res = json.loads(out.read_text())
@@ -67,7 +67,6 @@ def test_bench_tiny_on_cpu_end_to_end(tmp_path):
     assert tr["loss_ours"] == pytest.approx(tr["loss_peer"], abs=1e-4)
     for mode in ("topk", "full"):  # the chunked loss is the naive one's value, in less memory
         assert kd[f"ours_{mode}_loss"] == pytest.approx(kd[f"peer_{mode}_loss"], rel=1e-5)
-    assert elapsed < 60, f"tiny bench took {elapsed:.0f} s"  # about 10 s alone on 2 cores
 
 
 def test_flops_per_token_is_palm_formula_for_llama_3_2_1b():
