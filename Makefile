@@ -19,7 +19,7 @@ endif
 # proxy cache and Proxy-KD; `make table`: the rows), one core each at THREADS=1.
 JOBS ?= 2
 
-.PHONY: help venv dev test proxy student world bases teacher split rows table study smoke bench real-models real real-bases clean
+.PHONY: help venv dev test proxy student world bases teacher split stage1 rows table study smoke bench real-models real real-bases clean
 # Keep every stamp a pattern rule makes on the way (the white-box rows' caches), so a rerun finds them done.
 .SECONDARY:
 
@@ -301,10 +301,19 @@ $(RUN)/student_whitebox_%/.done: $(RUN)/cache_wb_%/.done $(STUDENT_BASE_DONE)
 	  --out $(RUN)/student_whitebox_$* $(STUDENT_ARGS) $(call resume,$(RUN)/student_whitebox_$*)
 	touch $@
 
+# Stage 1 of the comparison: the aligned and the w/o-DPO proxy, one stage at a time at PROXY_THREADS, as `make
+# proxy` builds them. Thread counts change the rounds' reference log-probs in the last bits, and that moves a
+# Proxy-KD student by several points; built this way, a seed's rows reuse the main job's proxy, or make the
+# same one, whichever ran first.
+stage1: $(RUN)/proxy/.done $(RUN)/proxy_nodpo/.done
+
 SEEDS ?= 0 1 2
-# Every row over SEEDS: runs/table.md (mean ± std) and runs/table.png.
+# Every row over SEEDS: runs/table.md (mean ± std) and runs/table.png. Per seed, stage 1 first (its two proxies at
+# PROXY_THREADS, one after the other), then the students JOBS at a time at THREADS.
 table: $(VENV)/.dev
-	for s in $(SEEDS); do $(MAKE) --no-print-directory -j$(JOBS) --output-sync=line rows SEED=$$s || exit 1; done
+	for s in $(SEEDS); do \
+	  $(MAKE) --no-print-directory stage1 SEED=$$s THREADS=$(PROXY_THREADS) || exit 1; \
+	  $(MAKE) --no-print-directory -j$(JOBS) --output-sync=line rows SEED=$$s || exit 1; done
 	$(PYTHON) table.py collect --runs $(foreach s,$(SEEDS),runs/seed$(s)) --bases $(BASES) \
 	  --out runs/table.md --plot runs/table.png \
 	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
