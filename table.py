@@ -200,25 +200,31 @@ AXES = [("round", "proxy strength: alignment rounds (accuracy of that proxy)", "
 def study_points(study: Path, main: dict) -> list[dict]:
     """Every point of `make study` found under `study`: {axis, value, proxy, blackbox, proxykd} (accuracies on
     the validation split, None where missing). The main job's run is the point each axis shares (its value
-    in `main`: alpha, gamma, rounds; slip rate 0); a slip-rate point is a whole run with its own teacher."""
+    in `main`: alpha, gamma, rounds; slip rate 0); a slip-rate point is a whole run with its own teacher, so
+    it has its own aligned proxy too (scored on validation: the slip runs evaluate on it). The proxy column is
+    filled where the proxy differs along the axis (rounds, slip rate); alpha and gamma share the main job's."""
     ref = {"blackbox": _acc(study / "ref" / "blackbox.json"), "proxykd": _acc(study / "ref" / "proxykd.json")}
     points = []
     for prefix, _, key, _ in AXES:
-        values = {0.0 if key is None else float(main[key]): dict(ref)}
+        values = {0.0 if key is None else float(main[key]): dict(ref, proxy=None)}
         for d in study.glob(f"{prefix}_*"):
             v = float(d.name.split("_", 1)[1])
             if prefix == "slip":
                 run = d / "run"
-                values[v] = {"blackbox": _acc(run / "student_blackbox" / "eval.json"),
+                values[v] = {"proxy": _acc(run / "proxy" / "eval.json"),
+                             "blackbox": _acc(run / "student_blackbox" / "eval.json"),
                              "proxykd": _acc(run / "student_proxykd" / "eval.json")}
             else:
-                values[v] = {"blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json")}
+                values[v] = {"proxy": None, "blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json")}
         if prefix == "round":  # a proxy already scored whose student is not trained yet
             for f in study.glob("proxy_round_*.json"):
-                values.setdefault(float(f.stem.rsplit("_", 1)[1]), {"blackbox": ref["blackbox"], "proxykd": None})
-        for v in sorted(values):
-            proxy = _acc(study / f"proxy_round_{int(v):02d}.json") if prefix == "round" else None
-            points.append({"axis": prefix, "value": v, "proxy": proxy, **values[v]})
+                values.setdefault(float(f.stem.rsplit("_", 1)[1]),
+                                  {"proxy": None, "blackbox": ref["blackbox"], "proxykd": None})
+            for v, point in values.items():
+                point["proxy"] = _acc(study / f"proxy_round_{int(v):02d}.json")
+        if prefix == "slip":  # slip 0 is the main job: its aligned proxy is the last round's
+            values[0.0]["proxy"] = _acc(study / f"proxy_round_{int(main['rounds']):02d}.json")
+        points += [{"axis": prefix, "value": v, **values[v]} for v in sorted(values)]
     return points
 
 

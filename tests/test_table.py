@@ -72,6 +72,7 @@ def test_study_reads_every_axis_around_the_main_job(tmp_path):
     acc(tmp_path / "gamma_0.1" / "eval.json", 0.55)
     acc(tmp_path / "slip_0.1" / "run" / "student_blackbox" / "eval.json", 0.42)
     acc(tmp_path / "slip_0.1" / "run" / "student_proxykd" / "eval.json", 0.47)
+    acc(tmp_path / "slip_0.1" / "run" / "proxy" / "eval.json", 0.70)
     text = table.study(tmp_path, {"alpha": 1, "gamma": 0.4, "rounds": 2}, tmp_path / "s.md", None)
     rows = {tuple(c.strip() for c in line.split("|")[2:7]) for line in text.splitlines()[2:]}
     assert ("0", "30.0", "50.0", "45.0", "-5.0") in rows      # Proxy-KD from the warm-up proxy
@@ -80,6 +81,6 @@ def test_study_reads_every_axis_around_the_main_job(tmp_path):
     assert ("1", "—", "50.0", "60.0", "+10.0") in rows        # ... and on the alpha axis
     assert ("10", "—", "50.0", "40.0", "-10.0") in rows
     assert ("0.1", "—", "50.0", "55.0", "+5.0") in rows       # gamma 0.1
-    assert ("0.1", "—", "42.0", "47.0", "+5.0") in rows       # slip 0.1 brings its own black-box student
-    assert ("0", "—", "50.0", "60.0", "+10.0") in rows        # slip 0 is the main job
+    assert ("0.1", "70.0", "42.0", "47.0", "+5.0") in rows    # slip 0.1 brings its own proxy and students
+    assert ("0", "80.0", "50.0", "60.0", "+10.0") in rows     # slip 0 is the main job, with its aligned proxy
     assert len(rows) == 2 + 2 + 2 + 2 + 1  # rounds 0-2, alpha 1 and 10, gamma 0.4 and 0.1, slip 0 and 0.1
