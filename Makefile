@@ -19,7 +19,7 @@ endif
 # proxy cache and Proxy-KD; `make table`: the rows), one core each at THREADS=1.
 JOBS ?= 2
 
-.PHONY: help venv dev test proxy student world bases teacher split stage1 rows table study smoke bench real-models real real-bases clean
+.PHONY: help venv dev test proxy student world bases teacher split stage1 rows table study study-seeds smoke bench real-models real real-bases clean
 # Keep every stamp a pattern rule makes on the way (the white-box rows' caches), so a rerun finds them done.
 .SECONDARY:
 
@@ -319,7 +319,9 @@ table: $(VENV)/.dev
 	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
 
 # ------------------------------------------------------------------------------- the map (make study)
-STUDY ?= runs/study
+# one directory per seed: runs/study for seed 0 (the main job's), runs/study_s<N> for the others
+study_dir = runs/study$(if $(filter-out 0,$(1)),_s$(1))
+STUDY ?= $(call study_dir,$(SEED))
 # the points: Proxy-KD from the proxy of each earlier round (00: the warm-up SFT), other alphas and gammas, and
 # whole runs with a teacher that slips; each moves one setting away from the main job's, which every axis shares
 STUDY_ROUNDS ?= 00 01
@@ -339,6 +341,16 @@ study: $(VENV)/.dev
 	$(PYTHON) table.py study --dir $(STUDY) --alpha $(ALPHA) --gamma $(GAMMA) --rounds $(ROUNDS) \
 	  --out $(STUDY)/study.md --plot $(STUDY)/study.png \
 	  --note "make study on $$(nproc --all) CPU cores ($$(uname -m)), seed $(SEED), accuracy on $(VAL)"
+# The map over SEEDS: per seed its main job (stage 1 as `make proxy` builds it), then its study in its own
+# directory; runs/study_seeds.md and .png give each point's mean ± std, the gain paired seed by seed.
+study-seeds: $(VENV)/.dev
+	for s in $(SEEDS); do \
+	  $(MAKE) --no-print-directory proxy SEED=$$s || exit 1; \
+	  $(MAKE) --no-print-directory student SEED=$$s || exit 1; \
+	  $(MAKE) --no-print-directory study SEED=$$s || exit 1; done
+	$(PYTHON) table.py study $(foreach s,$(SEEDS),--dir $(call study_dir,$(s))) --alpha $(ALPHA) --gamma $(GAMMA) \
+	  --rounds $(ROUNDS) --out runs/study_seeds.md --plot runs/study_seeds.png \
+	  --note "make study-seeds on $$(nproc --all) CPU cores ($$(uname -m)), seeds $(SEEDS), accuracy on $(VAL)"
 # the main job's two students, scored on the validation split
 $(STUDY)/ref/.done: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
 	@mkdir -p $(STUDY)/ref

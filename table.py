@@ -228,17 +228,35 @@ def study_points(study: Path, main: dict) -> list[dict]:
     return points
 
 
-def study(study_dir: Path, main: dict, out: Path, plot: Path | None, note: str = "") -> str:
-    pct = lambda a: "—" if a is None else f"{100 * a:.1f}"
+def study(study_dirs: list[Path], main: dict, out: Path, plot: Path | None, note: str = "") -> str:
+    """The study's table (and plot) over one study directory per seed. With one, each cell is that seed's
+    accuracy; with several, mean ± std over the seeds that have the point, the gain paired seed by seed
+    (each seed's Proxy-KD minus its own black-box KD), and a column saying how many seeds it averages."""
     label = {prefix: what for prefix, what, _, _ in AXES}
-    md = ["| what varies | value | proxy % | black-box KD % | Proxy-KD % | gain (points) |",
-          "| --- | --- | --- | --- | --- | --- |"]
-    points = study_points(study_dir, main)
-    for p in points:
-        gain = None if None in (p["blackbox"], p["proxykd"]) else p["proxykd"] - p["blackbox"]
-        p["gain"] = gain
-        md.append(f"| {label[p['axis']]} | {p['value']:g} | {pct(p['proxy'])} | {pct(p['blackbox'])} | "
-                  f"{pct(p['proxykd'])} | {'—' if gain is None else f'{100 * gain:+.1f}'} |")
+    many = len(study_dirs) > 1
+
+    def cell(xs):  # accuracies of one point over the seeds that have it
+        return "—" if not xs else mean_std(xs) if many else f"{100 * xs[0]:.1f}"
+
+    def signed(xs):  # its per-seed gains, in points
+        return "—" if not xs else f"{100 * statistics.mean(xs):+.1f}" + (
+            f" ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+
+    head = "| what varies | value | proxy % | black-box KD % | Proxy-KD % | gain (points) |"
+    md = [head + (" seeds |" if many else ""), "| --- " * (7 if many else 6) + "|"]
+    per_seed = [study_points(d, main) for d in study_dirs]
+    order = [prefix for prefix, _, _, _ in AXES]
+    keys = sorted({(p["axis"], p["value"]) for ps in per_seed for p in ps}, key=lambda k: (order.index(k[0]), k[1]))
+    points = []
+    for axis, value in keys:
+        same = [p for ps in per_seed for p in ps if (p["axis"], p["value"]) == (axis, value)]
+        col = {c: [p[c] for p in same if p[c] is not None] for c in ("proxy", "blackbox", "proxykd")}
+        gains = [p["proxykd"] - p["blackbox"] for p in same if None not in (p["blackbox"], p["proxykd"])]
+        points.append({"axis": axis, "value": value, "proxy": statistics.mean(col["proxy"]) if col["proxy"] else None,
+                       "gain": statistics.mean(gains) if gains else None,
+                       "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0})
+        md.append(f"| {label[axis]} | {value:g} | {cell(col['proxy'])} | {cell(col['blackbox'])} | "
+                  f"{cell(col['proxykd'])} | {signed(gains)} |" + (f" {len(gains)} |" if many else ""))
     text = (note + "\n\n" if note else "") + "\n".join(md) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -255,7 +273,8 @@ def draw_study(points, path: Path):
     for ax, (prefix, what, _, log) in zip(axes, AXES):
         ps = [p for p in points if p["axis"] == prefix and p["gain"] is not None]
         xs = [100 * p["proxy"] if prefix == "round" and p["proxy"] is not None else p["value"] for p in ps]
-        ax.plot(xs, [100 * p["gain"] for p in ps], marker="o")
+        ax.errorbar(xs, [100 * p["gain"] for p in ps], yerr=[100 * p["gain_std"] for p in ps], marker="o",
+                    capsize=3)
         for x, p in zip(xs, ps):
             if prefix == "round":
                 ax.annotate(f"round {p['value']:g}", (x, 100 * p["gain"]), fontsize=8)
@@ -325,7 +344,8 @@ def main(argv=None):
     c.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
     c.add_argument("--note", default="", help="a line above the table (command, machine)")
     st = sub.add_parser("study", help="Proxy-KD's gain over black-box KD at every point of make study")
-    st.add_argument("--dir", required=True, help="the study directory (runs/study)")
+    st.add_argument("--dir", required=True, action="append",
+                    help="a study directory (runs/study); repeat it, one per seed, for mean ± std over seeds")
     st.add_argument("--alpha", type=float, required=True, help="the main job's alpha")
     st.add_argument("--gamma", type=float, required=True, help="the main job's gamma")
     st.add_argument("--rounds", type=int, required=True, help="the main job's alignment rounds K")
@@ -342,7 +362,7 @@ def main(argv=None):
             print(f"  {k:<16} {100 * acc:5.1f} %  of {count}")
         return 0
     if args.cmd == "study":
-        print(study(Path(args.dir), {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds},
+        print(study([Path(d) for d in args.dir], {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds},
                     Path(args.out), Path(args.plot) if args.plot else None, args.note))
         return 0
     if args.cmd == "summary":
