@@ -238,10 +238,6 @@ def study(study_dirs: list[Path], main: dict, out: Path, plot: Path | None, note
     def cell(xs):  # accuracies of one point over the seeds that have it
         return "—" if not xs else mean_std(xs) if many else f"{100 * xs[0]:.1f}"
 
-    def signed(xs):  # its per-seed gains, in points
-        return "—" if not xs else f"{100 * statistics.mean(xs):+.1f}" + (
-            f" ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
-
     head = "| what varies | value | proxy % | black-box KD % | Proxy-KD % | gain (points) |"
     md = [head + (" seeds |" if many else ""), "| --- " * (7 if many else 6) + "|"]
     per_seed = [study_points(d, main) for d in study_dirs]
@@ -252,11 +248,14 @@ def study(study_dirs: list[Path], main: dict, out: Path, plot: Path | None, note
         same = [p for ps in per_seed for p in ps if (p["axis"], p["value"]) == (axis, value)]
         col = {c: [p[c] for p in same if p[c] is not None] for c in ("proxy", "blackbox", "proxykd")}
         gains = [p["proxykd"] - p["blackbox"] for p in same if None not in (p["blackbox"], p["proxykd"])]
-        points.append({"axis": axis, "value": value, "proxy": statistics.mean(col["proxy"]) if col["proxy"] else None,
-                       "gain": statistics.mean(gains) if gains else None,
-                       "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0})
+        p = {"axis": axis, "value": value, "proxy": statistics.mean(col["proxy"]) if col["proxy"] else None,
+             "gain": statistics.mean(gains) if gains else None,
+             "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0}
+        points.append(p)
+        gain = "—" if not gains else f"{100 * p['gain']:+.1f}" + (
+            f" ± {100 * p['gain_std']:.1f}" if len(gains) > 1 else "")  # the per-seed gains, in points
         md.append(f"| {label[axis]} | {value:g} | {cell(col['proxy'])} | {cell(col['blackbox'])} | "
-                  f"{cell(col['proxykd'])} | {signed(gains)} |" + (f" {len(gains)} |" if many else ""))
+                  f"{cell(col['proxykd'])} | {gain} |" + (f" {len(gains)} |" if many else ""))
     text = (note + "\n\n" if note else "") + "\n".join(md) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
