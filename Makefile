@@ -54,8 +54,12 @@ DEVICE ?= auto
 WORLD ?= runs/world
 # The pretrained bases, shipped in bases/ as an open LLM is downloaded (`make bases` rebuilds them).
 BASES ?= bases
-TEACHER_DIR ?= runs/teacher
-RUN ?= runs/seed$(SEED)
+# A slip rate other than the default (e.g. SLIP_RATE=0) is another teacher: its answers and every run on them get
+# their own directories (runs/teacher_slip0, runs/seed0_slip0), so no stage reuses another teacher's.
+slip_tag = $(if $(TEACHER_URL),,$(if $(filter-out $(SLIP_DEFAULT),$(SLIP_RATE)),_slip$(SLIP_RATE)))
+TEACHER_DIR ?= runs/teacher$(slip_tag)
+run_dir = runs/seed$(1)$(slip_tag)
+RUN ?= $(call run_dir,$(SEED))
 # The embedded world's sizes (teacher prompts, eval and validation problems, pretraining documents, BPE vocabulary).
 N_PROMPTS ?= 8000
 N_EVAL ?= 500
@@ -67,8 +71,11 @@ TEMPLATES ?= ages_future,boxes,money_spend,share_found,compare_times
 # Real parts (empty: the embedded ones).
 TEACHER_URL ?=
 TEACHER_MODEL ?= proxykd-teacher
-# the embedded teacher's chance of one arithmetic slip per answer (a wrong final answer); 0: always right
-SLIP_RATE ?= 0
+# The embedded teacher's chance of one arithmetic slip per answer (a wrong final answer); 0: always right. The
+# default, right in nine answers of ten, is an LLM teacher sampled at temperature 1 (GPT-4, the paper's teacher,
+# scores 92 % on GSM8K): README "The teacher's slip rate" gives the main job at 0 beside it.
+SLIP_DEFAULT := 0.1
+SLIP_RATE ?= $(SLIP_DEFAULT)
 PROMPTS ?= $(WORLD)/prompts.jsonl
 EVAL ?= $(WORLD)/eval.jsonl
 # held-out problems in neither PROMPTS nor EVAL, on which the recipe and `make study` are judged
@@ -314,9 +321,9 @@ table: $(VENV)/.dev
 	for s in $(SEEDS); do \
 	  $(MAKE) --no-print-directory stage1 SEED=$$s THREADS=$(PROXY_THREADS) || exit 1; \
 	  $(MAKE) --no-print-directory -j$(JOBS) --output-sync=line rows SEED=$$s || exit 1; done
-	$(PYTHON) table.py collect --runs $(foreach s,$(SEEDS),runs/seed$(s)) --bases $(BASES) \
+	$(PYTHON) table.py collect --runs $(foreach s,$(SEEDS),$(call run_dir,$(s))) --bases $(BASES) \
 	  --out runs/table.md --plot runs/table.png \
-	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS)"
+	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS), slip rate $(SLIP_RATE)"
 
 # ------------------------------------------------------------------------------- the map (make study)
 # one directory per seed: runs/study for seed 0 (the main job's), runs/study_s<N> for the others
@@ -327,29 +334,31 @@ STUDY ?= $(call study_dir,$(SEED))
 STUDY_ROUNDS ?= 00 01
 STUDY_ALPHAS ?= 0.1 10 100
 STUDY_GAMMAS ?= 0.1 1.6
-STUDY_SLIPS ?= 0.1 0.3
+STUDY_SLIPS ?= 0 0.3
 VAL_ARGS = --eval $(VAL) --max-new-tokens 160
+# the main job's settings, which every axis of the study shares
+STUDY_MAIN = --alpha $(ALPHA) --gamma $(GAMMA) --rounds $(ROUNDS) --slip $(SLIP_RATE)
 ROUND_K = $(shell printf %02d $(ROUNDS))
 study_proxy = $(if $(filter 00,$(1)),$(RUN)/proxy_sft,$(RUN)/proxy/round_$(1))
 # Proxy-KD's gain over black-box KD on the validation split at every point (after the main job, which it
 # reuses): STUDY/study.md and STUDY/study.png.
 study: $(VENV)/.dev
+	$(foreach p,$(STUDY_SLIPS),$(MAKE) --no-print-directory $(STUDY)/slip_$(p)/run/proxy/.done $(call slip_run,$(p)) \
+	  THREADS=$(PROXY_THREADS) &&) true
 	$(MAKE) --no-print-directory -j$(JOBS) --output-sync=line $(STUDY)/ref/.done \
 	  $(foreach k,$(STUDY_ROUNDS) $(ROUND_K),$(STUDY)/proxy_round_$(k).json) \
 	  $(foreach k,$(STUDY_ROUNDS),$(STUDY)/round_$(k)/.done) $(foreach a,$(STUDY_ALPHAS),$(STUDY)/alpha_$(a)/.done) \
 	  $(foreach g,$(STUDY_GAMMAS),$(STUDY)/gamma_$(g)/.done) $(foreach p,$(STUDY_SLIPS),$(STUDY)/slip_$(p)/.done)
-	$(PYTHON) table.py study --dir $(STUDY) --alpha $(ALPHA) --gamma $(GAMMA) --rounds $(ROUNDS) \
-	  --out $(STUDY)/study.md --plot $(STUDY)/study.png \
+	$(PYTHON) table.py study --dir $(STUDY) $(STUDY_MAIN) --out $(STUDY)/study.md --plot $(STUDY)/study.png \
 	  --note "make study on $$(nproc --all) CPU cores ($$(uname -m)), seed $(SEED), accuracy on $(VAL)"
 # The map over SEEDS: per seed its main job (stage 1 as `make proxy` builds it), then its study in its own
 # directory; runs/study_seeds.md and .png give each point's mean ± std, the gain paired seed by seed.
 study-seeds: $(VENV)/.dev
-	for s in $(SEEDS); do \
-	  $(MAKE) --no-print-directory proxy SEED=$$s || exit 1; \
-	  $(MAKE) --no-print-directory student SEED=$$s || exit 1; \
-	  $(MAKE) --no-print-directory study SEED=$$s || exit 1; done
-	$(PYTHON) table.py study $(foreach s,$(SEEDS),--dir $(call study_dir,$(s))) --alpha $(ALPHA) --gamma $(GAMMA) \
-	  --rounds $(ROUNDS) --out runs/study_seeds.md --plot runs/study_seeds.png \
+	$(foreach s,$(SEEDS),$(MAKE) --no-print-directory proxy SEED=$(s) RUN=$(call run_dir,$(s)) && \
+	  $(MAKE) --no-print-directory student SEED=$(s) RUN=$(call run_dir,$(s)) && \
+	  $(MAKE) --no-print-directory study SEED=$(s) RUN=$(call run_dir,$(s)) STUDY=$(call study_dir,$(s)) &&) true
+	$(PYTHON) table.py study $(foreach s,$(SEEDS),--dir $(call study_dir,$(s))) $(STUDY_MAIN) \
+	  --out runs/study_seeds.md --plot runs/study_seeds.png \
 	  --note "make study-seeds on $$(nproc --all) CPU cores ($$(uname -m)), seeds $(SEEDS), accuracy on $(VAL)"
 # the main job's two students, scored on the validation split
 $(STUDY)/ref/.done: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
@@ -380,10 +389,13 @@ $(STUDY)/gamma_%/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
 	  --proxy $(RUN)/proxy --cache $(RUN)/cache_proxy $(call kd_args,$(ALPHA),$*) \
 	  --out $(STUDY)/gamma_$* $(DISTILL_ARGS) $(STAGE) $(VAL_ARGS) $(call resume,$(STUDY)/gamma_$*)
 	touch $@
-# a whole run (teacher, split, proxy, both students) with a teacher that slips at rate %, scored on validation
+# A whole run (teacher, split, proxy, both students) with a teacher that slips at rate %, scored on validation.
+# `study` builds its stage 1 first, one stage at a time at PROXY_THREADS as `make proxy` does, so a slip run is
+# the main job at that slip rate to the bit (its eval on validation).
+slip_run = RUN=$(STUDY)/slip_$(1)/run TEACHER_DIR=$(STUDY)/slip_$(1)/teacher SLIP_RATE=$(1) EVAL=$(VAL)
 $(STUDY)/slip_%/.done:
 	$(MAKE) --no-print-directory $(STUDY)/slip_$*/run/student_blackbox/.done $(STUDY)/slip_$*/run/student_proxykd/.done \
-	  RUN=$(STUDY)/slip_$*/run TEACHER_DIR=$(STUDY)/slip_$*/teacher SLIP_RATE=$* EVAL=$(VAL)
+	  $(call slip_run,$*)
 	touch $@
 
 SMOKE_DIR ?= runs/smoke

@@ -4,7 +4,7 @@ the paper's comparison over several seeds, mean ± std, as markdown and a PNG pl
 
     python table.py summary --run runs/seed0 --bases runs/bases --teacher runs/teacher
     python table.py collect --runs runs/seed0 runs/seed1 runs/seed2 --bases runs/bases --out runs/table.md
-    python table.py study --dir runs/study --alpha 1 --gamma 0.4 --rounds 2 --out runs/study/study.md
+    python table.py study --dir runs/study --alpha 1 --gamma 0.4 --rounds 2 --slip 0.1 --out runs/study/study.md
     python table.py numbers --model runs/seed0/proxy --data runs/teacher/teacher_eval.jsonl
 """
 from __future__ import annotations
@@ -194,19 +194,19 @@ def draw(rows, ags, rounds, path: Path):
 AXES = [("round", "proxy strength: alignment rounds (accuracy of that proxy)", "rounds", False),
         ("alpha", "alpha (weight of the KL)", "alpha", True),
         ("gamma", "gamma (sharpness of the sample weights)", "gamma", True),
-        ("slip", "teacher slip rate", None, False)]
+        ("slip", "teacher slip rate", "slip", False)]
 
 
 def study_points(study: Path, main: dict) -> list[dict]:
     """Every point of `make study` found under `study`: {axis, value, proxy, blackbox, proxykd} (accuracies on
     the validation split, None where missing). The main job's run is the point each axis shares (its value
-    in `main`: alpha, gamma, rounds; slip rate 0); a slip-rate point is a whole run with its own teacher, so
+    in `main`: alpha, gamma, rounds, slip); a slip-rate point is a whole run with its own teacher, so
     it has its own aligned proxy too (scored on validation: the slip runs evaluate on it). The proxy column is
     filled where the proxy differs along the axis (rounds, slip rate); alpha and gamma share the main job's."""
     ref = {"blackbox": _acc(study / "ref" / "blackbox.json"), "proxykd": _acc(study / "ref" / "proxykd.json")}
     points = []
     for prefix, _, key, _ in AXES:
-        values = {0.0 if key is None else float(main[key]): dict(ref, proxy=None)}
+        values = {float(main[key]): dict(ref, proxy=None)}
         for d in study.glob(f"{prefix}_*"):
             v = float(d.name.split("_", 1)[1])
             if prefix == "slip":
@@ -222,8 +222,8 @@ def study_points(study: Path, main: dict) -> list[dict]:
                                   {"proxy": None, "blackbox": ref["blackbox"], "proxykd": None})
             for v, point in values.items():
                 point["proxy"] = _acc(study / f"proxy_round_{int(v):02d}.json")
-        if prefix == "slip":  # slip 0 is the main job: its aligned proxy is the last round's
-            values[0.0]["proxy"] = _acc(study / f"proxy_round_{int(main['rounds']):02d}.json")
+        if prefix == "slip":  # the main job's own slip rate: its aligned proxy is the last round's
+            values[float(main["slip"])]["proxy"] = _acc(study / f"proxy_round_{int(main['rounds']):02d}.json")
         points += [{"axis": prefix, "value": v, **values[v]} for v in sorted(values)]
     return points
 
@@ -348,6 +348,7 @@ def main(argv=None):
     st.add_argument("--alpha", type=float, required=True, help="the main job's alpha")
     st.add_argument("--gamma", type=float, required=True, help="the main job's gamma")
     st.add_argument("--rounds", type=int, required=True, help="the main job's alignment rounds K")
+    st.add_argument("--slip", type=float, required=True, help="the main job's teacher slip rate (SLIP_RATE)")
     st.add_argument("--out", required=True, help="markdown file to write")
     st.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
     st.add_argument("--note", default="", help="a line above the table (command, machine)")
@@ -361,7 +362,8 @@ def main(argv=None):
             print(f"  {k:<16} {100 * acc:5.1f} %  of {count}")
         return 0
     if args.cmd == "study":
-        print(study([Path(d) for d in args.dir], {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds},
+        main_job = {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds, "slip": args.slip}
+        print(study([Path(d) for d in args.dir], main_job,
                     Path(args.out), Path(args.plot) if args.plot else None, args.note))
         return 0
     if args.cmd == "summary":

@@ -38,9 +38,12 @@ def test_make_smoke_runs_the_main_job_end_to_end(tmp_path):
     assert "Proxy-KD" in first.stdout and "black-box KD" in first.stdout
     teacher = [json.loads(line) for line in (tmp_path / "teacher" / "teacher.jsonl").read_text().splitlines()]
     assert len(teacher) == 160 and all(r["finish_reason"] == "stop" for r in teacher)
-    # The black box itself is right on every held-out problem, through HTTP and the scorer (slip rate 0).
+    # The black box, through HTTP and the scorer, is right but for its slips (the default SLIP_RATE 0.1: one
+    # answer in ten wrong; measured, seeded: 139 of the 160 teacher answers right, 24 of the 24 held-out ones).
+    right = sum(data.is_correct(r["response"], r["answer"]) for r in teacher)
+    assert 0.8 * 160 <= right <= 0.95 * 160, right
     graded = [json.loads(line) for line in (tmp_path / "teacher" / "teacher_eval.jsonl").read_text().splitlines()]
-    assert len(graded) == 24 and all(data.is_correct(r["response"], r["answer"]) for r in graded)
+    assert len(graded) == 24 and sum(data.is_correct(r["response"], r["answer"]) for r in graded) >= 18
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]

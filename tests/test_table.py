@@ -70,10 +70,10 @@ def test_study_reads_every_axis_around_the_main_job(tmp_path):
     acc(tmp_path / "round_00" / "eval.json", 0.45)
     acc(tmp_path / "alpha_10" / "eval.json", 0.40)
     acc(tmp_path / "gamma_0.1" / "eval.json", 0.55)
-    acc(tmp_path / "slip_0.1" / "run" / "student_blackbox" / "eval.json", 0.42)
-    acc(tmp_path / "slip_0.1" / "run" / "student_proxykd" / "eval.json", 0.47)
-    acc(tmp_path / "slip_0.1" / "run" / "proxy" / "eval.json", 0.70)
-    text = table.study([tmp_path], {"alpha": 1, "gamma": 0.4, "rounds": 2}, tmp_path / "s.md", None)
+    acc(tmp_path / "slip_0" / "run" / "student_blackbox" / "eval.json", 0.42)
+    acc(tmp_path / "slip_0" / "run" / "student_proxykd" / "eval.json", 0.47)
+    acc(tmp_path / "slip_0" / "run" / "proxy" / "eval.json", 0.70)
+    text = table.study([tmp_path], {"alpha": 1, "gamma": 0.4, "rounds": 2, "slip": 0.1}, tmp_path / "s.md", None)
     rows = {tuple(c.strip() for c in line.split("|")[2:7]) for line in text.splitlines()[2:]}
     assert ("0", "30.0", "50.0", "45.0", "-5.0") in rows      # Proxy-KD from the warm-up proxy
     assert ("1", "50.0", "50.0", "—", "—") in rows            # round 1: its student not trained yet
@@ -81,8 +81,8 @@ def test_study_reads_every_axis_around_the_main_job(tmp_path):
     assert ("1", "—", "50.0", "60.0", "+10.0") in rows        # ... and on the alpha axis
     assert ("10", "—", "50.0", "40.0", "-10.0") in rows
     assert ("0.1", "—", "50.0", "55.0", "+5.0") in rows       # gamma 0.1
-    assert ("0.1", "70.0", "42.0", "47.0", "+5.0") in rows    # slip 0.1 brings its own proxy and students
-    assert ("0", "80.0", "50.0", "60.0", "+10.0") in rows     # slip 0 is the main job, with its aligned proxy
+    assert ("0", "70.0", "42.0", "47.0", "+5.0") in rows      # slip 0 brings its own proxy and students
+    assert ("0.1", "80.0", "50.0", "60.0", "+10.0") in rows   # slip 0.1 is the main job, with its aligned proxy
     assert len(rows) == 2 + 2 + 2 + 2 + 1  # rounds 0-2, alpha 1 and 10, gamma 0.4 and 0.1, slip 0 and 0.1
 
 
@@ -98,11 +98,11 @@ def test_study_over_seeds_pairs_each_seed_s_gain(tmp_path):
         acc(d / "slip_0.3" / "run" / "student_blackbox" / "eval.json", slip_bb)
         acc(d / "slip_0.3" / "run" / "student_proxykd" / "eval.json", slip_pkd)
     acc(dirs[0] / "alpha_10" / "eval.json", 0.40)  # a point only one seed has
-    text = table.study(dirs, {"alpha": 1, "gamma": 0.4, "rounds": 2}, tmp_path / "s.md", None)
+    text = table.study(dirs, {"alpha": 1, "gamma": 0.4, "rounds": 2, "slip": 0.1}, tmp_path / "s.md", None)
     lines = text.splitlines()
     assert lines[0].endswith("| seeds |") and lines[1].count("---") == 7
     rows = {tuple(c.strip() for c in line.split("|")[2:8]) for line in lines[2:]}
     # gains +10 and -4: paired per seed, not the difference of the two means (which is the same here, +3)
-    assert ("0", "80.0 ± 0.0", "60.0 ± 14.1", "63.0 ± 4.2", "+3.0 ± 9.9", "2") in rows
+    assert ("0.1", "80.0 ± 0.0", "60.0 ± 14.1", "63.0 ± 4.2", "+3.0 ± 9.9", "2") in rows  # the main job's slip
     assert ("0.3", "—", "35.0 ± 7.1", "47.0 ± 4.2", "+12.0 ± 11.3", "2") in rows
     assert ("10", "—", "50.0 ± 0.0", "40.0 ± 0.0", "-10.0", "1") in rows
