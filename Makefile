@@ -8,8 +8,9 @@ PYTHON := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Intra-op threads per process. Stages that run side by side (`make student`, `make table`, `make study`) take one
 # core each: THREADS=1, as more threads than cores lose a lot. `make proxy` runs its stages one after another, so
-# each takes PROXY_THREADS: on 2 cores the warm-up SFT trains 1.5x faster at 2 threads than at 1, to the same
-# weights bit for bit (README: "Where the main job's time goes"). THREADS=0: torch's default.
+# each takes PROXY_THREADS: on 2 cores the warm-up SFT trains 1.5x faster at 2 threads than at 1 (README: "Where the
+# main job's time goes"). The thread count can change a stage's last bits (on some CPUs even the warm-up's), so
+# every target that reuses a stage 1 builds it at PROXY_THREADS too. THREADS=0: torch's default.
 THREADS ?= 1
 PROXY_THREADS ?= 2
 ifneq ($(THREADS),0)
