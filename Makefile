@@ -74,7 +74,7 @@ TEACHER_URL ?=
 TEACHER_MODEL ?= proxykd-teacher
 # The embedded teacher's chance of one arithmetic slip per answer (a wrong final answer); 0: always right. The
 # default, right in nine answers of ten, is an LLM teacher sampled at temperature 1 (GPT-4, the paper's teacher,
-# scores 92 % on GSM8K): README "The teacher's slip rate" gives the main job at 0 beside it.
+# scores 92 % on GSM8K): README "Results on the embedded world" gives the main job at 0 beside it.
 SLIP_DEFAULT := 0.1
 SLIP_RATE ?= $(SLIP_DEFAULT)
 PROMPTS ?= $(WORLD)/prompts.jsonl
@@ -344,8 +344,7 @@ study_proxy = $(if $(filter 00,$(1)),$(RUN)/proxy_sft,$(RUN)/proxy/round_$(1))
 # Proxy-KD's gain over black-box KD on the validation split at every point (after the main job, which it
 # reuses): STUDY/study.md and STUDY/study.png.
 study: $(VENV)/.dev
-	$(foreach p,$(STUDY_SLIPS),$(MAKE) --no-print-directory $(STUDY)/slip_$(p)/run/proxy/.done $(call slip_run,$(p)) \
-	  THREADS=$(PROXY_THREADS) &&) true
+	$(foreach p,$(STUDY_SLIPS),$(call slip_stage1,$(p)) &&) true
 	$(MAKE) --no-print-directory -j$(JOBS) --output-sync=line $(STUDY)/ref/.done \
 	  $(foreach k,$(STUDY_ROUNDS) $(ROUND_K),$(STUDY)/proxy_round_$(k).json) \
 	  $(foreach k,$(STUDY_ROUNDS),$(STUDY)/round_$(k)/.done) $(foreach a,$(STUDY_ALPHAS),$(STUDY)/alpha_$(a)/.done) \
@@ -391,10 +390,12 @@ $(STUDY)/gamma_%/.done: $(RUN)/cache_proxy/.done $(STUDENT_BASE_DONE)
 	  --out $(STUDY)/gamma_$* $(DISTILL_ARGS) $(STAGE) $(VAL_ARGS) $(call resume,$(STUDY)/gamma_$*)
 	touch $@
 # A whole run (teacher, split, proxy, both students) with a teacher that slips at rate %, scored on validation.
-# `study` builds its stage 1 first, one stage at a time at PROXY_THREADS as `make proxy` does, so a slip run is
-# the main job at that slip rate to the bit (its eval on validation).
+# Its stage 1 is built one stage at a time at PROXY_THREADS, as `make proxy` builds the main job's (`study` builds
+# every slip run's stage 1 first, one after another, so two-thread stages never share the cores).
 slip_run = RUN=$(STUDY)/slip_$(1)/run TEACHER_DIR=$(STUDY)/slip_$(1)/teacher SLIP_RATE=$(1) EVAL=$(VAL)
+slip_stage1 = $(MAKE) --no-print-directory $(STUDY)/slip_$(1)/run/proxy/.done $(call slip_run,$(1)) THREADS=$(PROXY_THREADS)
 $(STUDY)/slip_%/.done:
+	$(call slip_stage1,$*)
 	$(MAKE) --no-print-directory $(STUDY)/slip_$*/run/student_blackbox/.done $(STUDY)/slip_$*/run/student_proxykd/.done \
 	  $(call slip_run,$*)
 	touch $@
