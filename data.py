@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -520,13 +521,11 @@ def collate(pairs, pad_id: int, device=None) -> dict:
     batch; right padding (pad_id in the ids, IGNORE_INDEX in the labels, 0 in the mask). With a device
     the tensors are moved there (non_blocking: the copy overlaps the host's next work on CUDA)."""
     T = max(len(ids) for ids, _ in pairs)
-    input_ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(pairs), T), dtype=torch.long)
-    for b, (ids, lab) in enumerate(pairs):
-        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
-        mask[b, :len(ids)] = 1
+    # One array from padded lists per field (numpy builds it from Python ints 4x faster than torch.tensor):
+    # a tensor copy per row cost the main job's students several percent of a step.
+    input_ids = torch.from_numpy(np.array([list(ids) + [pad_id] * (T - len(ids)) for ids, _ in pairs], np.int64))
+    labels = torch.from_numpy(np.array([list(lab) + [IGNORE_INDEX] * (T - len(lab)) for _, lab in pairs], np.int64))
+    mask = (torch.arange(T) < torch.tensor([len(ids) for ids, _ in pairs])[:, None]).long()
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
     if device is not None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
