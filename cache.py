@@ -17,8 +17,10 @@ Shapes: N response tokens (of a batch or a shard), k proxy top-k, V vocabulary, 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -237,6 +239,27 @@ def build(args, tok, fmt, rows, device) -> int:
 
 # -------------------------------------------------------------------------------------- reading it
 
+# safetensors dtype -> the numpy dtype its bytes are mapped as (bf16, which numpy lacks, as its int16 bits)
+MAPPED_DTYPES = {"F32": np.float32, "BF16": np.int16, "I32": np.int32}
+
+
+def map_tensor(path: Path, name: str) -> np.ndarray:
+    """Tensor `name` of a safetensors file, memory-mapped read-only (the format: an 8-byte little-endian header
+    length, a JSON header giving each tensor's dtype, shape and byte range after the header, then the bytes).
+    A batch's rows are then numpy slices, where a safetensors slice read per sample cost the main job's Proxy-KD
+    student 5 % of a step. The shard was opened and checked by safetensors first (ProxyCache._open_shard)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))[name]
+    begin, end = meta["data_offsets"]
+    dtype = MAPPED_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise CacheError(f"{path}: {name} is {meta['dtype']}, expected one of {sorted(MAPPED_DTYPES)}")
+    if begin == end:  # an empty tensor: nothing to map
+        return np.zeros(meta["shape"], dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=tuple(meta["shape"]))
+
+
 class ProxyCache:
     """A finished cache directory, opened for reading: per-sample offsets and mean log-probs in memory (12 bytes
     a sample), the top-k rows memory-mapped (safetensors) and read per batch, only the rows asked for."""
@@ -248,9 +271,9 @@ class ProxyCache:
         self.logits, self.ids, self.offsets, self.shard_of, self.local = [], [], [], [], []
         means = []
         for s_i, sh in enumerate(self.index["shards"]):
-            lg, ids, off, ml = self._open_shard(sh)
-            self.logits.append(lg)
-            self.ids.append(ids)
+            off, ml = self._open_shard(sh)
+            self.logits.append(map_tensor(self.path / sh["file"], "topk_logits"))
+            self.ids.append(map_tensor(self.path / sh["file"], "topk_ids"))
             self.offsets.append(off.tolist())
             means.append(ml)
             self.shard_of += [s_i] * (sh["end"] - sh["start"])
@@ -288,7 +311,7 @@ class ProxyCache:
         if (meta.get("start"), meta.get("end")) != (str(sh["start"]), str(sh["end"])) or off.shape != (n + 1,) \
                 or ml.shape != (n,) or lg.get_shape() != [int(off[-1]), self.k] or ids.get_shape() != lg.get_shape():
             raise CacheError(f"{p}: shard does not match index.json (samples {sh['start']}..{sh['end']}, k {self.k})")
-        return lg, ids, off, ml
+        return off, ml
 
     def rows(self, samples, k: int | None = None):
         """The cached rows of these samples, concatenated in the order given: topk_logits [N, k'] fp32 and
@@ -298,9 +321,14 @@ class ProxyCache:
         for s in samples:
             sh, j = self.shard_of[s], self.local[s]
             a, b = self.offsets[sh][j], self.offsets[sh][j + 1]
-            lg.append(self.logits[sh][a:b][:, :k])
-            ids.append(self.ids[sh][a:b][:, :k])
-        return torch.cat(lg).float(), torch.cat(ids).long()
+            lg.append(self.logits[sh][a:b, :k])
+            ids.append(self.ids[sh][a:b, :k])
+        if not lg:
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
+        logits = torch.from_numpy(np.concatenate(lg))
+        if logits.dtype == torch.int16:
+            logits = logits.view(torch.bfloat16)  # stored as bf16, mapped as its bits
+        return logits.float(), torch.from_numpy(np.concatenate(ids)).long()
 
     def check(self, rows, seqs, tok, fmt: str, max_len: int, embedding_size: int, proxy: str | None, topk: int):
         """Refuse, with one line, a cache built for another run: other tokenizer, chat format, --max-len, data or

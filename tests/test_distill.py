@@ -305,6 +305,24 @@ def test_cache_round_trip_across_shards(world, cache_dir):
     assert torch.equal(i, torch.cat([p[1][:, :2] for p in parts]))
 
 
+def test_cache_rows_are_safetensors_own_read_in_both_dtypes(world, cache_dir, tmp_path):
+    # rows() maps the shards' bytes itself: they must be what safetensors reads, bf16 included (numpy has no bf16).
+    bf16 = tmp_path / "cache_bf16"
+    assert run(*cache_args(world, bf16, "--shard-tokens", "700", "--cache-dtype", "bfloat16")) == 0
+    for d, dtype in ((cache_dir, torch.float32), (bf16, torch.bfloat16)):
+        pc = cache.ProxyCache(d)
+        shards = [load_file(str(d / sh["file"])) for sh in pc.index["shards"]]
+        assert len(shards) >= 3 and shards[0]["topk_logits"].dtype == dtype
+        want_v = torch.cat([t["topk_logits"] for t in shards]).float()
+        want_i = torch.cat([t["topk_ids"] for t in shards]).long()
+        order = list(range(len(pc.mean_logp)))  # every sample, in order: every shard's rows end to end
+        v, i = pc.rows(order)
+        assert v.dtype == torch.float32 and i.dtype == torch.int64
+        assert torch.equal(v, want_v) and torch.equal(i, want_i)
+        v, i = pc.rows([], k=3)
+        assert v.shape == (0, 3) and i.shape == (0, 3)
+
+
 def test_cache_resumes_at_the_first_missing_shard(world, cache_dir, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(cache_dir, out)
