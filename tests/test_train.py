@@ -111,3 +111,29 @@ def test_timed_keeps_each_phase_of_a_stage_in_its_timing_json(tmp_path, monkeypa
     assert train.read_timing(tmp_path / "stage" / "timing.json") == {**phases, "train": 12.5}
     (tmp_path / "stage" / "timing.json").write_text('{"train": 1')  # torn: read as nothing, then rewritten
     assert train.read_timing(tmp_path / "stage" / "timing.json") == {}
+
+
+def test_cpu_optimizer_steps_as_torchs_default_adamw_to_the_bit():
+    """make_optimizer's foreach AdamW on CPU (less Python per step) moves a Llama's weights exactly as torch's
+    default for-loop AdamW does, weight decay included: choosing it changes no stage's result."""
+    from model import Config, Llama
+    models = []
+    for foreach in (None, False):
+        m = Llama(Config.preset("toy", vocab_size=64)).init_weights(seed=0)
+        if foreach is None:
+            opt = train.make_optimizer(m, lr=3e-3, weight_decay=0.1, device=torch.device("cpu"))
+        else:
+            groups = [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                      {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+            opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            ids = torch.randint(0, m.cfg.vocab_size, (4, 16), generator=g)
+            logits = m(ids)
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        models.append(m.state_dict())
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
