@@ -26,8 +26,8 @@ Sections (each measures ours and its peer on the same inputs, after warm-up):
             (a frozen copy of the policy run under no_grad every step).
 
 Ratios are "times better": ours/peer for throughput, peer/ours for time and memory, so > 1 is ours ahead.
-The main size's targets (≥ 1.3× transformers eager) are judged on CPU; the others are for one H100, shown and
-not judged elsewhere.
+The main size's targets (≥ 1.3× transformers eager) are judged on CPU; the others are for one Hopper GPU (an
+H100, or an H200: the same chip and bf16 peak with faster memory), shown and not judged elsewhere.
 Timing: ours and its peer alternate in rounds (ours, peer, ours, peer, ...), so that load from other work on a
 shared machine falls on both alike; a side's figure is its median over --steps rounds, and the spread of the
 per-round ratio (peer/ours) is kept. The 1-minute load average is read before and after each measurement.
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ from model import Config
 
 # --size -> the models it runs, (model.PRESETS name, vocabulary, sections); random init, no tokenizer needed.
 SECTIONS = ("train", "decode", "kdloss", "dpo")
+HOPPER = ("H100", "H200")  # where the GPU targets are judged: one chip, one bf16 peak (H100_BF16_FLOPS)
 SIZES = {"llama-3.2-1b": [("llama-3.2-1b", 128256, SECTIONS)],
          "tiny": [("tiny-student", 4096, SECTIONS)],
          # the main job's proxy (tiny-student: pretraining, SFT, alignment, its evals) and student
@@ -76,14 +78,18 @@ SHAPES = {"llama-3.2-1b": dict(batch=4, seq=2048, prompt_len=128, new_tokens="25
 
 # ------------------------------------------------------------------------------------------ table
 
-def judge(rows, on_h100: bool, device):
-    """The H100 targets are judged there only (elsewhere printed, not judged); the main size's CPU targets and
+def on_hopper(device) -> bool:
+    return device.type == "cuda" and any(h in torch.cuda.get_device_name(device) for h in HOPPER)
+
+
+def judge(rows, on_hopper: bool, device):
+    """The GPU targets are judged on a Hopper GPU only (elsewhere printed, not judged); the CPU targets and
     the correctness guard always are."""
-    why = "n/a (CPU)" if device.type == "cpu" else "n/a (not an H100)"
+    why = "n/a (CPU)" if device.type == "cpu" else "n/a (not an H100/H200)"
     for r in rows:
         if r["target"] is None:
             r["verdict"] = ""
-        elif not (on_h100 or r["always_judged"]):
+        elif not (on_hopper or r["always_judged"]):
             r["verdict"] = why
         elif r["met"] is None:
             r["verdict"] = "n/a"
@@ -143,7 +149,7 @@ def build_parser():
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the wall, or the process's CPU seconds (CPU only; fair under load with --threads 1)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--peak-flops", type=float, default=H100_BF16_FLOPS, help="MFU denominator (H100 BF16 dense)")
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_FLOPS, help="MFU denominator (H100/H200 BF16 dense)")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs")
     p.add_argument("--json", default=None, help="also write the results here")
     return p
@@ -182,20 +188,28 @@ def run_model(preset: str, vocab: int, sections, args, device) -> tuple[dict, li
     ours, peer = build_models(cfg, device, args.seed, with_peer="train" in sections or "decode" in sections)
     n_params = ours.num_params()
     res, rows = {"model": preset, "params": n_params, "sections": {}}, []
+
+    def done(section, new_rows):
+        # each section's rows as it ends (a long GPU run stopped midway keeps what it measured)
+        rows.extend(new_rows)
+        judge(new_rows, on_hopper(device), device)
+        print(f"{preset}: {section} done, {time.perf_counter() - t0:.0f} s in\n{format_table(new_rows)}",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     if "train" in sections:
         r = res["sections"]["train"] = bench_train(ours, peer, args, device)
-        rows += train_rows(r, cfg, n_params, args, device)
+        done("train", train_rows(r, cfg, n_params, args, device))
     if "decode" in sections:
         r = res["sections"]["decode"] = bench_decode(ours, peer, args, device)
-        rows += decode_rows(r, args)
+        done("decode", decode_rows(r, args))
     del peer
     free_memory(device)
     if "kdloss" in sections:
         r = res["sections"]["kdloss"] = bench_kdloss(cfg, args, device)
-        rows += kdloss_rows(r)
+        done("kdloss", kdloss_rows(r))
     if "dpo" in sections:
         r = res["sections"]["dpo"] = bench_dpo(ours, args, device)
-        rows += dpo_rows(r)
+        done("dpo", dpo_rows(r))
     return res, rows
 
 
@@ -222,7 +236,7 @@ def run(args) -> dict:
             x["metric"] = f"{preset}, {x['metric']}" if len(models) > 1 else x["metric"]
         res["models"].append(r)
         res["rows"] += rows
-    judge(res["rows"], "H100" in name, device)
+    judge(res["rows"], on_hopper(device), device)
     loads = [x for m in res["models"] for s in m["sections"].values() for k, v in s.items()
              if k.endswith("_load") for x in v if x is not None]
     res["load"] = [min(loads), max(loads)] if loads else None
