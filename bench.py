@@ -78,18 +78,15 @@ SHAPES = {"llama-3.2-1b": dict(batch=4, seq=2048, prompt_len=128, new_tokens="25
 
 # ------------------------------------------------------------------------------------------ table
 
-def on_hopper(device) -> bool:
-    return device.type == "cuda" and any(h in torch.cuda.get_device_name(device) for h in HOPPER)
-
-
-def judge(rows, on_hopper: bool, device):
+def judge(rows, device):
     """The GPU targets are judged on a Hopper GPU only (elsewhere printed, not judged); the CPU targets and
     the correctness guard always are."""
+    hopper = device.type == "cuda" and any(h in torch.cuda.get_device_name(device) for h in HOPPER)
     why = "n/a (CPU)" if device.type == "cpu" else "n/a (not an H100/H200)"
     for r in rows:
         if r["target"] is None:
             r["verdict"] = ""
-        elif not (on_hopper or r["always_judged"]):
+        elif not (hopper or r["always_judged"]):
             r["verdict"] = why
         elif r["met"] is None:
             r["verdict"] = "n/a"
@@ -192,7 +189,7 @@ def run_model(preset: str, vocab: int, sections, args, device) -> tuple[dict, li
     def done(section, new_rows):
         # each section's rows as it ends (a long GPU run stopped midway keeps what it measured)
         rows.extend(new_rows)
-        judge(new_rows, on_hopper(device), device)
+        judge(new_rows, device)
         print(f"{preset}: {section} done, {time.perf_counter() - t0:.0f} s in\n{format_table(new_rows)}",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -236,7 +233,6 @@ def run(args) -> dict:
             x["metric"] = f"{preset}, {x['metric']}" if len(models) > 1 else x["metric"]
         res["models"].append(r)
         res["rows"] += rows
-    judge(res["rows"], on_hopper(device), device)
     loads = [x for m in res["models"] for s in m["sections"].values() for k, v in s.items()
              if k.endswith("_load") for x in v if x is not None]
     res["load"] = [min(loads), max(loads)] if loads else None
