@@ -301,7 +301,8 @@ class Config:
 # tiny-student's architecture (0.64 M parameters), the student micro-student's (0.04 M, 16 times smaller), so
 # the proxy is far the larger model, as an open LLM that stands in for the teacher is larger than the student
 # (tiny-student keeps the name of its role in earlier recipes; nano-student, 0.14 M, was the student before and
-# learned this world as well as the proxy on its own; tiny-proxy, 1.71 M, was the proxy before that).
+# learned this world as well as the proxy on its own; tiny-proxy, 1.71 M, was the proxy before that;
+# pico-student, one layer, was measured as the student and not taken: README "How the recipe was chosen").
 PRESETS = {
     "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
@@ -311,6 +312,9 @@ PRESETS = {
     # base (bases/student) must not change with it
     "micro-student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    # micro-student with one layer (`make bases STUDENT_SIZE=pico-student` builds it as the student base)
+    "pico-student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "nano-student": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-proxy": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
