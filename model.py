@@ -79,16 +79,28 @@ def apply_rope(x, cos, sin):
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
+# On CPU, attention with small heads and scores that fit in GROUPED_ATTENTION_MAX_BYTES (fp32 [B, H, T, L]) is
+# written out as two batched matmuls (grouped_attention) instead of SDPA's flash kernel. At head_dim 8 (the main
+# job's student) the flash kernel's blocking costs more than the scores it saves: the student's train step goes
+# from 1.20x to 1.37x transformers' (README "Speed"). At 32 (its proxy) the two kernels measured the same, so
+# larger heads keep the flash kernel, as do long sequences, whose scores it never holds whole.
+GROUPED_ATTENTION_MAX_HEAD_DIM = 16
+GROUPED_ATTENTION_MAX_BYTES = 16 * 2**20
+
+
 def attend(q, k, v, mask):
     """Scaled dot-product attention with GQA. q [B, H, T, D], k and v [B, KV, L, D], mask None (causal, L = T)
-    or bool [B or 1, 1, T, L] -> [B, H, T, D].
+    or additive float [B or 1, 1, T, L] (0 / -inf) -> [B, H, T, D].
 
-    Each group of H/KV query heads reads one key/value head. On CPU the flash kernel does that itself
-    (enable_gqa), with or without a mask, and gives the same numbers as copies of the heads would: no
-    [B, H, L, D] copy of K and V per layer and step, which at batch 64 costs decoding as much as attention
-    itself. On CUDA only the flash kernel takes enable_gqa (fp16/bf16, no mask); the others fall back to
-    the slow math kernel with it, so the heads are repeated there as before."""
-    groups = q.shape[1] // k.shape[1]
+    Each group of H/KV query heads reads one key/value head. On CPU, small heads and problems go to
+    grouped_attention and the others to the flash kernel with enable_gqa (no [B, H, L, D] copy of K and V per
+    layer and step, which at batch 64 cost decoding as much as attention itself). On CUDA only the flash kernel takes enable_gqa
+    (fp16/bf16, no mask); the others fall back to the slow math kernel with it, so the heads are repeated."""
+    B, H, T, D = q.shape
+    groups = H // k.shape[1]
+    if (q.device.type == "cpu" and D <= GROUPED_ATTENTION_MAX_HEAD_DIM
+            and B * H * T * k.shape[2] * 4 <= GROUPED_ATTENTION_MAX_BYTES):
+        return grouped_attention(q, k, v, mask)
     kw = {}
     if groups > 1 and SDPA_GQA and q.device.type == "cpu":
         kw["enable_gqa"] = True
@@ -97,6 +109,23 @@ def attend(q, k, v, mask):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+
+def grouped_attention(q, k, v, mask):
+    """attend's math, written out: softmax(q k^T / sqrt(D) + mask) v, with the G = H/KV query heads that share a
+    key/value head stacked as one [G*T, D] block of rows (head h reads key/value head h // G, HF's repeat_kv).
+    So each product is one batched matmul of B*KV blocks, twice as tall as per-head blocks at G = 2, and K and V
+    are never copied per query head. Shapes as in attend; the scores are [B, KV, G*T, L]."""
+    B, H, T, D = q.shape
+    KV, L = k.shape[1], k.shape[2]
+    G = H // KV
+    if mask is None:  # causal, L = T: key j is visible to query i when j <= i
+        mask = torch.full((T, L), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    if G > 1 and T > 1:  # [..., T, L] -> [..., G*T, L]: every head of a group sees the same keys
+        mask = mask.repeat(*[1] * (mask.dim() - 2), G, 1)
+    scores = torch.matmul(q.reshape(B, KV, G * T, D), k.transpose(-1, -2)).mul_(D ** -0.5).add_(mask)
+    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, T, D)
 
 
 class Attention(nn.Module):

@@ -197,3 +197,49 @@ def test_token_logprobs_mask_scores_only_the_selected_positions(tmp_path):
         full = token_logprobs(m, x)
         part = token_logprobs(m, x, mask=mask, chunk_tokens=5)
     torch.testing.assert_close(part, full * mask, atol=1e-6, rtol=0)
+
+
+def _attention_float64(q, k, v, mask):
+    """Attention one query head at a time in float64: head h reads key/value head h // (H / KV)."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    out = torch.empty(B, H, T, D, dtype=torch.float64)
+    for h in range(H):
+        s = q[:, h].double() @ k[:, h // G].double().transpose(-1, -2) / D ** 0.5  # [B, T, L]
+        if mask is None:
+            s = s.masked_fill(torch.ones_like(s[0], dtype=torch.bool).triu(1), float("-inf"))
+        else:
+            s = s + mask[:, 0].double()
+        out[:, h] = s.softmax(-1) @ v[:, h // G].double()
+    return out
+
+
+@pytest.mark.parametrize("H,KV", [(4, 4), (4, 2), (6, 2)])
+@pytest.mark.parametrize("case", ["causal", "padded", "decode"])
+def test_attention_paths_match_float64_with_grads(H, KV, case, monkeypatch):
+    """Both CPU attention paths, the written-out grouped one (small problems) and SDPA's flash kernel (large ones),
+    against per-head float64 attention: outputs and the gradients of q, k and v."""
+    import model
+    g = torch.Generator().manual_seed(H * 10 + KV)
+    B, D = 3, 8  # a head size the grouped path takes
+    T, L = {"causal": (11, 11), "padded": (9, 14), "decode": (1, 14)}[case]
+    q = torch.randn(B, H, T, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, KV, L, D, generator=g, requires_grad=True) for _ in range(2))
+    mask = None
+    if case != "causal":  # left padding in rows 0 and 2, causal over the last T keys; a query always sees itself
+        real = torch.ones(B, L, dtype=torch.bool)
+        real[0, :4], real[2, :2] = False, False
+        q_at = torch.arange(L - T, L)
+        see = (torch.arange(L)[None, :] <= q_at[:, None])[None] & real[:, None, :]
+        see |= torch.arange(L)[None, None, :] == q_at[None, :, None]
+        mask = torch.zeros(B, 1, T, L).masked_fill_(~see[:, None], float("-inf"))
+    ref = _attention_float64(q, k, v, mask)
+    dout = torch.randn(ref.shape, generator=g)
+    ref_grads = torch.autograd.grad((ref * dout.double()).sum(), (q, k, v))
+    for max_bytes in (model.GROUPED_ATTENTION_MAX_BYTES, 0):  # grouped, then flash
+        monkeypatch.setattr(model, "GROUPED_ATTENTION_MAX_BYTES", max_bytes)
+        out = model.attend(q, k, v, mask)
+        torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+        for got, want in zip(torch.autograd.grad((out * dout).sum(), (q, k, v)), ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
