@@ -6,8 +6,9 @@
 
 Sizes (--size):
     main          the CPU default: model.PRESETS tiny-student (the main job's proxy) and micro-student (its
-                  student) at the world tokenizer's vocabulary of 702, at the shapes the main job's stages run
-                  them. Training: micro-batches of 16 right-padded sequences of 70-74 tokens with the first 40 %
+                  student) at the world tokenizer's vocabulary of 702, holding the shipped bases' weights
+                  (bases/proxy, bases/student; a random init without them), at the shapes the main job's stages
+                  run them. Training: micro-batches of 16 right-padded sequences of 70-74 tokens with the first 40 %
                   (the prompt) masked out of the loss, as data.collate hands train.fit a length-sorted window.
                   Generation: 64 prompts of 56-64 tokens, left-padded, greedy +48 and +160 (evaluation) and
                   top-p 0.8 at temperature 1 (alignment sampling). The student's KD loss, the proxy's DPO step.
@@ -54,15 +55,20 @@ from bench_sections import (H100_BF16_FLOPS, PROMPT_FRAC, bench_decode, bench_dp
                             kdloss_rows, peak_bytes, train_rows)  # flops_per_token, peak_bytes: for the tests
 from model import Config
 
-# --size -> the models it runs, (model.PRESETS name, vocabulary, sections); random init, no tokenizer needed.
+# --size -> the models it runs, (model.PRESETS name, vocabulary, sections, weights); no tokenizer needed. weights:
+# None is a random init; the main size takes the shipped bases' (the models its stages start from), so that
+# sampling draws from a trained model's sharp distributions as alignment does, not from a random init's near-uniform
+# ones (generate.nucleus sorts those whole: top-p decoding of the proxy, 1.38x transformers from its base against
+# 1.18x from a random init). A clone without bases/ falls back to a random init, which the table says.
 SECTIONS = ("train", "decode", "kdloss", "dpo")
 HOPPER = ("H100", "H200")  # where the GPU targets are judged: one chip, one bf16 peak (H100_BF16_FLOPS)
-SIZES = {"llama-3.2-1b": [("llama-3.2-1b", 128256, SECTIONS)],
-         "tiny": [("tiny-student", 4096, SECTIONS)],
+BASES = Path(__file__).resolve().parent / "bases"
+SIZES = {"llama-3.2-1b": [("llama-3.2-1b", 128256, SECTIONS, None)],
+         "tiny": [("tiny-student", 4096, SECTIONS, None)],
          # the main job's proxy (tiny-student: pretraining, SFT, alignment, its evals) and student
          # (micro-student: distillation, its evals), at the world tokenizer's 702 tokens
-         "main": [("tiny-student", 702, ("train", "decode", "dpo")),
-                  ("micro-student", 702, ("train", "decode", "kdloss"))]}
+         "main": [("tiny-student", 702, ("train", "decode", "dpo"), BASES / "proxy"),
+                  ("micro-student", 702, ("train", "decode", "kdloss"), BASES / "student")]}
 # Per-size shapes. ragged: lengths spread around seq / prompt_len with padding, the prompt masked out of the
 # training loss (the main job's batches), else full-length rows with every token a target. kd_chunk: tokens per
 # chunk of the distillation loss; None is distill.CHUNK_TOKENS (1024). The tiny size's 128 tokens would fit one
@@ -179,12 +185,15 @@ def resolve(args):
     return device
 
 
-def run_model(preset: str, vocab: int, sections, args, device) -> tuple[dict, list]:
+def run_model(preset: str, vocab: int, sections, weights, args, device) -> tuple[dict, list]:
     """Every section of one model: its results and its table rows."""
     cfg = Config.preset(preset, vocab)
-    ours, peer = build_models(cfg, device, args.seed, with_peer="train" in sections or "decode" in sections)
+    weights = weights if weights is not None and (Path(weights) / "config.json").exists() else None
+    ours, peer = build_models(cfg, device, args.seed, with_peer="train" in sections or "decode" in sections,
+                              weights=weights)
     n_params = ours.num_params()
-    res, rows = {"model": preset, "params": n_params, "sections": {}}, []
+    res, rows = {"model": preset, "params": n_params, "sections": {},
+                 "weights": Path(weights).name if weights else "random init"}, []
 
     def done(section, new_rows):
         # each section's rows as it ends (a long GPU run stopped midway keeps what it measured)
@@ -223,11 +232,11 @@ def run(args) -> dict:
            "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
            "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "models": [], "rows": []}
     models = SIZES[args.size]
-    for preset, vocab, sections in models:
+    for preset, vocab, sections, weights in models:
         sections = [s for s in sections if s in args.only]
         if not sections:
             continue
-        r, rows = run_model(preset, vocab, sections, args, device)
+        r, rows = run_model(preset, vocab, sections, weights, args, device)
         for x in rows:  # several models in one table: the model names its rows
             x["model"] = preset
             x["metric"] = f"{preset}, {x['metric']}" if len(models) > 1 else x["metric"]
@@ -242,7 +251,7 @@ def run(args) -> dict:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     res = run(args)
-    sizes = ", ".join(f"{m['model']} {m['params'] / 1e6:.2f}M" for m in res["models"])
+    sizes = ", ".join(f"{m['model']} {m['params'] / 1e6:.2f}M ({m['weights']})" for m in res["models"])
     load = f", 1-min load {res['load'][0]:.1f}–{res['load'][1]:.1f}" if res["load"] else ""
     print(f"bench: {res['size']} ({sizes}) on {res['device']}, {res['precision']}, torch {res['torch']}, "
           f"transformers {res['transformers']}; {res['threads']} thread(s), {res['clock']} clock, medians of "

@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -127,12 +128,19 @@ def keep(out: dict, key: str, r: dict):
 
 # ----------------------------------------------------------------------------------------- models
 
-def build_models(cfg: Config, device, seed: int, with_peer: bool):
-    """Our Llama at random init, and (with_peer) transformers' LlamaForCausalLM holding the same weights:
-    the parameter names are the same, so the state dict copies across key for key."""
-    with torch.device(device):  # built where it runs: no 5 GB detour through host memory at 1B
-        ours = Llama(cfg)
-    ours.init_weights(seed=seed)  # outside the context: its generator draws on the CPU, then copies
+def build_models(cfg: Config, device, seed: int, with_peer: bool, weights=None):
+    """Our Llama, and (with_peer) transformers' LlamaForCausalLM holding the same weights: the parameter names
+    are the same, so the state dict copies across key for key. The weights are a checkpoint's (an HF directory
+    of cfg's architecture, token ids aside) or, without one, a random init."""
+    if weights is not None:
+        ours = Llama.from_pretrained(weights, device=device)
+        ids = {k: getattr(ours.cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if Config(**{**asdict(cfg), **ids}) != ours.cfg:
+            raise RuntimeError(f"{weights}: its config.json is not the architecture benchmarked ({cfg})")
+    else:
+        with torch.device(device):  # built where it runs: no 5 GB detour through host memory at 1B
+            ours = Llama(cfg)
+        ours.init_weights(seed=seed)  # outside the context: its generator draws on the CPU, then copies
     if not with_peer:
         return ours, None
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -126,7 +126,8 @@ def test_race_alternates_the_sides_and_keeps_each_rounds_ratio():
 def test_main_size_is_the_shipped_bases_architecture_and_vocabulary():
     """bench.py runs without a tokenizer, so SIZES["main"] spells the world's vocabulary out: it must stay what the
     shipped bases (built by `make bases` on the world's tokenizer) hold, preset for preset."""
-    for (preset, vocab, _), base in zip(bench.SIZES["main"], ("proxy", "student")):
+    for (preset, vocab, _, weights), base in zip(bench.SIZES["main"], ("proxy", "student")):
+        assert weights == bench.BASES / base  # and the bench runs those weights
         shipped = Config.from_json(ROOT / "bases" / base / "config.json")
         ids = {k: getattr(shipped, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # the tokenizer's
         assert Config.preset(preset, vocab, **ids) == shipped, f"bench.SIZES['main'] {preset}/{vocab} vs bases/{base}"
