@@ -344,8 +344,8 @@ PRESETS = {
     # micro-student with one layer (`make bases STUDENT_SIZE=pico-student` builds it as the student base)
     "pico-student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
-    # micro-student with a 16-wide MLP (femto) and 24 wide (atto): smaller students measured and not taken, both as
-    # strong by black-box KD on this world as micro-student (README "How the recipe was chosen")
+    # micro-student with a 16-wide MLP (femto), and 24 wide with a 48-wide MLP (atto): smaller students measured and
+    # not taken, both as strong by black-box KD on this world as micro-student (README "How the recipe was chosen")
     "femto-student": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "atto-student": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
