@@ -155,6 +155,9 @@ def build_parser():
     p.add_argument("--peak-flops", type=float, default=H100_BF16_FLOPS, help="MFU denominator (H100/H200 BF16 dense)")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--heap", choices=["keep", "default"], default="keep",
+                   help="keep: freed memory stays in the process, as the stages run (train.keep_freed_memory); "
+                        "default: glibc's own settings. Both sides share the process, so both get the same")
     return p
 
 
@@ -221,12 +224,13 @@ def run_model(preset: str, vocab: int, sections, weights, args, device) -> tuple
 
 def run(args) -> dict:
     device = resolve(args)
+    heap = "keep" if args.heap == "keep" and train.keep_freed_memory() else "default"
     torch.manual_seed(args.seed)
     import transformers
     transformers.logging.set_verbosity_error()  # generation-config chatter would split the table
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     res = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__, "size": args.size,
-           "threads": torch.get_num_threads(), "clock": "wall" if device.type == "cuda" else args.clock,
+           "threads": torch.get_num_threads(), "clock": "wall" if device.type == "cuda" else args.clock, "heap": heap,
            "shapes": {k: getattr(args, k) for k in ("batch", "seq", "prompt_len", "new_tokens", "decode_batches",
                                                     "ragged", "kd_tokens")},
            "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
@@ -255,7 +259,7 @@ def main(argv=None):
     load = f", 1-min load {res['load'][0]:.1f}–{res['load'][1]:.1f}" if res["load"] else ""
     print(f"bench: {res['size']} ({sizes}) on {res['device']}, {res['precision']}, torch {res['torch']}, "
           f"transformers {res['transformers']}; {res['threads']} thread(s), {res['clock']} clock, medians of "
-          f"{res['steps']} interleaved rounds{load}")
+          f"{res['steps']} interleaved rounds{load}, heap {res['heap']}")
     print("peer = transformers LlamaForCausalLM (train, decode) | naive [N,V] fp32 KL (kdloss) | "
           "live reference model (dpo); ratio > 1: ours ahead")
     print(format_table(res["rows"]))

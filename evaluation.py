@@ -15,7 +15,7 @@ import data
 import dist
 from generate import generate
 from model import CheckpointError, Llama
-from train import MetricsLog, autocast, fail, pick_device
+from train import MetricsLog, autocast, fail, keep_freed_memory, pick_device
 
 
 @torch.no_grad()
@@ -88,6 +88,7 @@ def main(argv=None):
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     e.add_argument("--out", default=None, help="write the generations with their scores to this JSONL")
     args = e.parse_args(argv)
+    keep_freed_memory()
     try:
         device = pick_device(args.device)
         tok = data.load_tokenizer(args.model)

@@ -2,6 +2,10 @@
 (one micro-batch or four take the same step), the metrics log trimmed on resume, and the checkpoint a kill
 between the two renames leaves behind."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +141,36 @@ def test_cpu_optimizer_steps_as_torchs_default_adamw_to_the_bit():
         models.append(m.state_dict())
     assert models[0].keys() == models[1].keys()
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+KEEP_HEAP_RUN = """
+import sys, torch, train
+from model import Config, Llama
+if sys.argv[1] == "keep":
+    assert train.keep_freed_memory(), "mallopt refused"
+torch.manual_seed(0)
+model = Llama(Config.preset("toy", vocab_size=700))
+model.init_weights(seed=0)
+opt = train.make_optimizer(model, lr=1e-2, weight_decay=0.1, device=torch.device("cpu"))
+for _ in range(4):  # [B, T, V] = [8, 40, 700] fp32 logits: 0.9 MB, above glibc's default mmap threshold
+    ids = torch.randint(0, 700, (8, 40))
+    loss = -train.token_logprobs(model, ids).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+torch.save({k: v.clone() for k, v in model.state_dict().items()}, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_keeping_freed_memory_changes_no_result(tmp_path):
+    """train.keep_freed_memory only moves where tensors' memory comes from: the same steps give the same weights to
+    the bit with it and without it (each in a fresh process, as glibc's settings are the process's)."""
+    root = Path(__file__).resolve().parent.parent
+    out = {}
+    for mode in ("keep", "default"):
+        out[mode] = tmp_path / f"{mode}.pt"
+        subprocess.run([sys.executable, "-c", KEEP_HEAP_RUN, mode, str(out[mode])], cwd=root, check=True,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    a, b = (torch.load(out[m], weights_only=True) for m in ("keep", "default"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
