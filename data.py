@@ -585,6 +585,11 @@ def extract_answer(text: str) -> str | None:
     return _canon(found[-1]) if found else None
 
 
+def numbers_in(text: str) -> list[str]:
+    """Every number in text, in order, canonical ("1,000.0" -> "1000")."""
+    return [_canon(m) for m in _NUMBER.findall(text)]
+
+
 def is_correct(text: str, answer) -> bool:
     """Exact numeric match of text's extracted answer with `answer` (a number, or a solution text)."""
     pred, gold = extract_answer(text), extract_answer(str(answer))

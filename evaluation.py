@@ -38,17 +38,34 @@ def evaluate(model: Llama, tok, rows: list[dict], fmt: str, batch_size: int = 64
     model.train(was_training)
     correct = [data.is_correct(o, r["answer"]) for o, r in zip(outputs, rows)]
     return {"accuracy": sum(correct) / max(1, len(rows)), "correct": sum(correct), "n": len(rows),
-            "outputs": outputs}
+            "outputs": outputs, "scores": correct}
+
+
+def group_key(row: dict) -> str:
+    """Which problems count as one piece of evidence: those with the same template (where the row names one) and the
+    same numbers in their prompt, in order. The embedded world asks the same arithmetic in other names and objects,
+    and a model's wrong answers are wrong arithmetic, so such problems are right or wrong mostly together (seed 0's
+    students: 70 % of their wrong answers lie in arithmetic they get wrong in every wording). On data whose prompts
+    all differ in their numbers every problem is its own group."""
+    text = " ".join(m["content"] for m in data.messages_of(row) if m.get("role") != "assistant")
+    return " ".join([str(row.get("template", ""))] + data.numbers_in(text))
+
+
+def eval_record(res: dict, rows: list[dict]) -> dict:
+    """What a stage's eval.json holds: the accuracy, and each problem's 0/1 and group (table.paired_difference)."""
+    return {"accuracy": res["accuracy"], "n": res["n"], "correct": [int(c) for c in res["scores"]],
+            "groups": [group_key(r) for r in rows]}
 
 
 def report_eval(model: Llama, tok, fmt: str, args, out: Path, row: dict):
-    """Accuracy on --eval after a stage, by greedy generation: logged with `row` and written to out/eval.json.
-    Rank 0 evaluates the whole model (gathered under FSDP) while the others wait; returns None on them."""
+    """Accuracy on --eval after a stage, by greedy generation: logged with `row` and written to out/eval.json with
+    every problem's score. Rank 0 evaluates the whole model (gathered under FSDP) while the others wait; returns
+    None on them."""
     def measure(m):
         rows = data.read_prompts(args.eval)[: args.eval_limit or None]
         res = evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens, desc=f"eval {row.get('stage', '')}")
         MetricsLog(out, quiet=args.quiet)({**row, "eval_accuracy": res["accuracy"], "eval_n": res["n"]})
-        data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": res["accuracy"], "n": res["n"]}) + "\n")
+        data.atomic_write_text(out / "eval.json", json.dumps(eval_record(res, rows)) + "\n")
         return res["accuracy"]
     return dist.on_main(measure, model)
 
@@ -87,6 +104,9 @@ def main(argv=None):
     e.add_argument("--limit", type=int, default=0, help="score only the first N rows (0: all)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     e.add_argument("--out", default=None, help="write the generations with their scores to this JSONL")
+    e.add_argument("--record", default=None,
+                   help="write the eval record (accuracy, each problem's score and group) to this JSON, as a stage's "
+                        "eval.json: `table.py compare` takes two")
     args = e.parse_args(argv)
     keep_freed_memory()
     try:
@@ -104,7 +124,9 @@ def main(argv=None):
     if args.out:
         data.write_jsonl(args.out, [{**r, "output": o, "correct": data.is_correct(o, r["answer"])}
                                     for r, o in zip(rows, res["outputs"])])
-    print(json.dumps({k: v for k, v in res.items() if k != "outputs"}))
+    if args.record:
+        data.atomic_write_text(args.record, json.dumps(eval_record(res, rows)) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("outputs", "scores")}))
 
 
 if __name__ == "__main__":

@@ -394,8 +394,8 @@ def finish_round(model, tok, fmt, args, heldout, log, k: int, out: Path):
     """Save round k's proxy, measure it, and write the final accuracy after the last round."""
     train.save_model(model, out / f"round_{k + 1:02d}", tok)
     end = log_round_end(model, tok, fmt, args, heldout, log, k + 1)
-    if k + 1 == args.rounds and end and "eval_accuracy" in end:
-        data.atomic_write_text(out / "eval.json", json.dumps({"accuracy": end["eval_accuracy"]}) + "\n")
+    if k + 1 == args.rounds and end and "eval_record" in end:
+        data.atomic_write_text(out / "eval.json", json.dumps(end["eval_record"]) + "\n")
 
 
 def log_round_end(model, tok, fmt, args, heldout, log, k: int):
@@ -405,12 +405,14 @@ def log_round_end(model, tok, fmt, args, heldout, log, k: int):
         row = {"stage": "round_end", "round": k}
         if heldout:
             row["agreement"] = evaluation.top1_agreement(m, tok, heldout, fmt, args.max_len, args.gen_batch_size)
+        record = None
         if args.eval and k > 0:
             rows = data.read_prompts(args.eval)[: args.eval_limit or None]
-            row["eval_accuracy"] = evaluation.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
-                                                       desc=f"eval round {k}")["accuracy"]
+            res = evaluation.evaluate(m, tok, rows, fmt, args.eval_batch_size, args.max_new_tokens,
+                                      desc=f"eval round {k}")
+            row["eval_accuracy"], record = res["accuracy"], evaluation.eval_record(res, rows)
         log(row)
-        return row
+        return row if record is None else {**row, "eval_record": record}
     return dist.on_main(measure, model)
 
 

@@ -39,9 +39,44 @@ def _acc(path: Path) -> float | None:
     return json.loads(path.read_text())["accuracy"] if path.exists() else None
 
 
-def accuracy(run: Path, bases: Path, where: str) -> float | None:
+def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
+    """Accuracy of a minus that of b on the same problems (two eval records, as evaluation.eval_record writes them) -> (the
+    difference, its standard error, the number of groups).
+
+    The standard error is the cluster-robust one of a mean: with d_i = a_i - b_i, D their mean over the N problems
+    and S_g the sum of d_i - D over group g's problems, se = sqrt(G / (G - 1) * sum_g S_g^2) / N. Groups of problems
+    that are right or wrong together are one sample each, so a world with few distinct problems gets the wide
+    interval it should: two models that differ only in the last bits of their arithmetic differ by about this
+    much. With one problem a group it is the paired t-test's standard error."""
+    if a.get("groups") != b.get("groups") or len(a.get("correct", [])) != len(a.get("groups") or []):
+        raise ValueError("paired_difference: the two eval records are not over the same problems")
+    n = len(a["correct"])
+    if n == 0:
+        raise ValueError("paired_difference: no problems")
+    d = [x - y for x, y in zip(a["correct"], b["correct"])]
+    mean = sum(d) / n
+    sums: dict[str, float] = {}
+    for g, di in zip(a["groups"], d):
+        sums[g] = sums.get(g, 0.0) + (di - mean)
+    G = len(sums)
+    se = (G / (G - 1) * sum(s * s for s in sums.values())) ** 0.5 / n if G > 1 else 0.0
+    return mean, se, G
+
+
+def row_record(run: Path, bases: Path, where: str) -> dict | None:
+    """A row's eval.json (see ROWS for `where`), or None before its stage has run."""
     d = bases / where.split(":", 1)[1] if where.startswith("bases:") else run / where
-    return _acc(d / "eval.json")
+    return json.loads((d / "eval.json").read_text()) if (d / "eval.json").exists() else None
+
+
+def accuracy(run: Path, bases: Path, where: str) -> float | None:
+    r = row_record(run, bases, where)
+    return None if r is None else r["accuracy"]
+
+
+# Differences the summary states with their standard error: (label, row, minus row), rows as in ROWS.
+GAINS = [("Proxy-KD − black-box KD", "student_proxykd", "student_blackbox"),
+         ("aligned proxy − black-box KD", "proxy", "student_blackbox")]
 
 
 def agreement(run: Path) -> dict[int, float]:
@@ -66,6 +101,12 @@ def summary(run: Path, bases: Path, teacher: Path | None = None) -> str:
         acc = accuracy(run, bases, where)
         if acc is not None:
             lines.append(f"  {label:<64} {100 * acc:6.1f} %")
+    for label, a, b in GAINS:
+        ra, rb = row_record(run, bases, a), row_record(run, bases, b)
+        if ra and rb and "groups" in ra and ra.get("groups") == rb.get("groups"):
+            d, se, G = paired_difference(ra, rb)
+            lines.append(f"  {label:<64} {100 * d:+6.1f} ± {100 * se:.1f} points (1 s.e.: {ra['n']} problems, "
+                         f"{G} groups of shared numbers)")
     ag = agreement(run)
     if ag:
         first, last = min(ag), max(ag)
@@ -352,6 +393,9 @@ def main(argv=None):
     st.add_argument("--out", required=True, help="markdown file to write")
     st.add_argument("--plot", default=None, help="PNG to draw (needs matplotlib)")
     st.add_argument("--note", default="", help="a line above the table (command, machine)")
+    cp = sub.add_parser("compare", help="accuracy of A minus B on the same problems, with its standard error")
+    cp.add_argument("a", help="eval record of A: a stage's eval.json, or evaluation.py --record's")
+    cp.add_argument("b", help="eval record of B, over the same problems")
     n = sub.add_parser("numbers", help="teacher-forced accuracy on digits, copied numbers and step results")
     n.add_argument("--model", required=True, help="HF-layout checkpoint directory")
     n.add_argument("--data", required=True, help="teacher JSONL (e.g. runs/teacher/teacher_eval.jsonl)")
@@ -360,6 +404,20 @@ def main(argv=None):
     if args.cmd == "numbers":
         for k, (acc, count) in number_accuracy(Path(args.model), Path(args.data), args.limit).items():
             print(f"  {k:<16} {100 * acc:5.1f} %  of {count}")
+        return 0
+    if args.cmd == "compare":
+        ra, rb = (json.loads(Path(f).read_text()) for f in (args.a, args.b))
+        if "correct" not in ra or "correct" not in rb:
+            print("error: an eval record without per-problem scores (written before they were kept); "
+                  "rerun evaluation.py --record", file=sys.stderr)
+            return 2
+        try:
+            d, se, G = paired_difference(ra, rb)
+        except ValueError as e:
+            print(f"error: {args.a} vs {args.b}: {e}", file=sys.stderr)
+            return 2
+        print(f"A {100 * ra['accuracy']:.1f} %, B {100 * rb['accuracy']:.1f} %, A − B {100 * d:+.1f} ± {100 * se:.1f} "
+              f"points (1 s.e.; {ra['n']} problems in {G} groups of shared numbers)")
         return 0
     if args.cmd == "study":
         main_job = {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds, "slip": args.slip}

@@ -2,9 +2,15 @@
 the stages' wall time."""
 import json
 import os
+import random
 import re
+import statistics
+
+import numpy as np
+import pytest
 
 import data
+import evaluation
 import table
 from conftest import write_world
 from model import Config, Llama
@@ -106,3 +112,78 @@ def test_study_over_seeds_pairs_each_seed_s_gain(tmp_path):
     assert ("0.1", "80.0 ± 0.0", "60.0 ± 14.1", "63.0 ± 4.2", "+3.0 ± 9.9", "2") in rows  # the main job's slip
     assert ("0.3", "—", "35.0 ± 7.1", "47.0 ± 4.2", "+12.0 ± 11.3", "2") in rows
     assert ("10", "—", "50.0 ± 0.0", "40.0 ± 0.0", "-10.0", "1") in rows
+
+
+def test_paired_difference_by_hand():
+    """d = [1, 0, 0, 1], mean 0.5; groups x = {0, 1}, y = {2}, z = {3} sum d - mean to 0, -0.5, 0.5; G = 3:
+    se = sqrt(3/2 * 0.5) / 4."""
+    a = {"correct": [1, 1, 0, 1], "groups": ["x", "x", "y", "z"]}
+    b = {"correct": [0, 1, 0, 0], "groups": ["x", "x", "y", "z"]}
+    d, se, G = table.paired_difference(a, b)
+    assert (d, G) == (0.5, 3) and abs(se - 0.75 ** 0.5 / 4) < 1e-15
+
+
+def test_paired_difference_is_the_paired_t_error_with_one_problem_a_group():
+    rng = random.Random(0)
+    a = {"correct": [rng.randint(0, 1) for _ in range(50)], "groups": [str(i) for i in range(50)]}
+    b = {"correct": [rng.randint(0, 1) for _ in range(50)], "groups": a["groups"]}
+    d, se, G = table.paired_difference(a, b)
+    diffs = [x - y for x, y in zip(a["correct"], b["correct"])]
+    assert G == 50 and abs(d - statistics.mean(diffs)) < 1e-15
+    assert abs(se - statistics.stdev(diffs) / 50 ** 0.5) < 1e-12
+
+
+def test_paired_difference_matches_a_cluster_bootstrap():
+    """The formula against its definition: redraw whole groups with replacement many times (float64 numpy) and take
+    the spread of the mean difference. Groups of 1-6 problems that tend to be right or wrong together."""
+    rng = np.random.default_rng(0)
+    groups, ca, cb = [], [], []
+    for g in range(300):
+        size, pa, pb = rng.integers(1, 7), rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)
+        ka, kb = rng.random() < pa, rng.random() < pb  # the group's arithmetic known or not, mostly shared
+        for _ in range(size):
+            groups.append(f"g{g}")
+            ca.append(int(ka if rng.random() < 0.9 else not ka))
+            cb.append(int(kb if rng.random() < 0.9 else not kb))
+    d, se, G = table.paired_difference({"correct": ca, "groups": groups}, {"correct": cb, "groups": groups})
+    keys = sorted(set(groups), key=lambda k: int(k[1:]))
+    dsum = np.array([sum(x - y for x, y, k in zip(ca, cb, groups) if k == key) for key in keys], dtype=np.float64)
+    size = np.array([groups.count(key) for key in keys], dtype=np.float64)
+    pick = rng.integers(0, len(keys), size=(20000, len(keys)))
+    boot = dsum[pick].sum(1) / size[pick].sum(1)
+    assert G == 300 and abs(d - dsum.sum() / size.sum()) < 1e-12
+    assert abs(boot.std() / se - 1) < 0.05
+
+
+def test_paired_difference_refuses_records_over_other_problems():
+    a = {"correct": [1, 0], "groups": ["x", "y"]}
+    with pytest.raises(ValueError, match="same problems"):
+        table.paired_difference(a, {"correct": [1, 0], "groups": ["x", "z"]})
+
+
+def test_group_key_joins_the_same_arithmetic_in_other_words():
+    same = [{"prompt": "Mia has 3 pens. She buys 4 more. How many?", "template": "t"},
+            {"prompt": "Tom has 3 cards. He buys 4 more. How many?", "template": "t"}]
+    assert evaluation.group_key(same[0]) == evaluation.group_key(same[1]) == "t 3 4"
+    assert evaluation.group_key({**same[0], "template": "u"}) != evaluation.group_key(same[0])
+    assert evaluation.group_key({"messages": [{"role": "user", "content": "1,000 and 2.50"}]}) == " 1000 2.5"
+
+
+def test_summary_states_the_gain_with_its_error_and_compare_reads_two_records(tmp_path, capsys):
+    run, bases = tmp_path / "seed0", tmp_path / "bases"
+    groups = ["a", "a", "b", "c"]
+    for where, correct in (("student_blackbox", [0, 0, 1, 1]), ("student_proxykd", [1, 1, 1, 0])):
+        (run / where).mkdir(parents=True)
+        (run / where / "eval.json").write_text(json.dumps({"accuracy": sum(correct) / 4, "n": 4, "correct": correct,
+                                                           "groups": groups}))
+    text = table.summary(run, bases)
+    d, se, _ = table.paired_difference(*(json.loads((run / w / "eval.json").read_text())
+                                         for w in ("student_proxykd", "student_blackbox")))
+    assert f"Proxy-KD − black-box KD" in text and f"{100 * d:+6.1f} ± {100 * se:.1f} points" in text
+    assert "3 groups of shared numbers" in text and "aligned proxy − black-box KD" not in text
+    assert table.main(["compare", str(run / "student_proxykd" / "eval.json"),
+                       str(run / "student_blackbox" / "eval.json")]) == 0
+    assert "A − B +25.0 ±" in capsys.readouterr().out
+    (run / "old.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert table.main(["compare", str(run / "old.json"), str(run / "student_blackbox" / "eval.json")]) == 2
+    assert "per-problem scores" in capsys.readouterr().err
