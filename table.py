@@ -74,6 +74,15 @@ def accuracy(run: Path, bases: Path, where: str) -> float | None:
     return None if r is None else r["accuracy"]
 
 
+def paired(run: Path, bases: Path, a: str, b: str) -> tuple[float, float, int] | None:
+    """paired_difference of rows a and b of one run, or None unless both have per-problem scores on the same
+    problems."""
+    ra, rb = row_record(run, bases, a), row_record(run, bases, b)
+    if not (ra and rb and "correct" in ra and "correct" in rb and ra.get("groups") == rb.get("groups")):
+        return None
+    return paired_difference(ra, rb)
+
+
 # Differences the summary states with their standard error: (label, row, minus row), rows as in ROWS.
 GAINS = [("Proxy-KD − black-box KD", "student_proxykd", "student_blackbox"),
          ("aligned proxy − black-box KD", "proxy", "student_blackbox")]
@@ -102,9 +111,9 @@ def summary(run: Path, bases: Path, teacher: Path | None = None) -> str:
         if acc is not None:
             lines.append(f"  {label:<64} {100 * acc:6.1f} %")
     for label, a, b in GAINS:
-        ra, rb = row_record(run, bases, a), row_record(run, bases, b)
-        if ra and rb and "groups" in ra and ra.get("groups") == rb.get("groups"):
-            d, se, G = paired_difference(ra, rb)
+        if (g := paired(run, bases, a, b)) is not None:
+            d, se, G = g
+            ra = row_record(run, bases, a)
             lines.append(f"  {label:<64} {100 * d:+6.1f} ± {100 * se:.1f} points (1 s.e.: {ra['n']} problems, "
                          f"{G} groups of shared numbers)")
     ag = agreement(run)
@@ -195,6 +204,12 @@ def collect(runs: list[Path], bases: Path, out: Path, plot: Path | None, note: s
         rows.append((label, kind, accs))
     md = [f"| method | model | accuracy % (mean ± std over {len(runs)} seeds) | n |", "| --- | --- | --- | --- |"]
     md += [f"| {label} | {kind} | {mean_std(accs)} | {len(accs)} |" for label, kind, accs in rows]
+    gains = [(label, [paired(r, bases, a, b) for r in runs]) for label, a, b in GAINS]
+    gains = [(label, [(run, g) for run, g in zip(runs, gs) if g is not None]) for label, gs in gains]
+    if any(gs for _, gs in gains):
+        md += ["", "| difference | per seed, points ± 1 s.e. | mean ± std over seeds |", "| --- | --- | --- |"]
+        md += [f"| {label} | " + " / ".join(f"{run.name} {100 * d:+.1f} ± {100 * se:.1f}" for run, (d, se, _) in gs)
+               + f" | {mean_std([d for _, (d, _, _) in gs])} |" for label, gs in gains if gs]
     ags = [agreement(r) for r in runs]
     rounds = sorted(set().union(*ags)) if ags else []
     if rounds:

@@ -187,3 +187,16 @@ def test_summary_states_the_gain_with_its_error_and_compare_reads_two_records(tm
     (run / "old.json").write_text(json.dumps({"accuracy": 0.5}))
     assert table.main(["compare", str(run / "old.json"), str(run / "student_blackbox" / "eval.json")]) == 2
     assert "per-problem scores" in capsys.readouterr().err
+
+
+def test_collect_states_each_seeds_gain_and_their_mean(tmp_path):
+    for seed, (bb, pk) in enumerate((([0, 1, 1, 1], [1, 1, 1, 1]), ([1, 1, 1, 1], [1, 1, 1, 0]))):
+        for where, correct in (("student_blackbox", bb), ("student_proxykd", pk)):
+            d = tmp_path / f"seed{seed}" / where
+            d.mkdir(parents=True)
+            d.joinpath("eval.json").write_text(json.dumps({"accuracy": sum(correct) / 4, "n": 4, "correct": correct,
+                                                           "groups": ["a", "b", "c", "d"]}))
+    text = table.collect([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "bases", tmp_path / "t.md", None)
+    se = (4 / 3 * (0.75 ** 2 + 3 * 0.25 ** 2)) ** 0.5 / 4  # d = [1, 0, 0, 0] (seed 0), mean 0.25
+    assert f"| Proxy-KD − black-box KD | seed0 +25.0 ± {100 * se:.1f} / seed1 -25.0 ± {100 * se:.1f} | 0.0 ± 35.4 |" \
+        in text
