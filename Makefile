@@ -371,13 +371,12 @@ study-seeds: $(VENV)/.dev
 # the main job's two students, scored on the validation split
 $(STUDY)/ref/.done: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done
 	@mkdir -p $(STUDY)/ref
-	$(PYTHON) evaluation.py --model $(RUN)/student_blackbox --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/blackbox.json
-	$(PYTHON) evaluation.py --model $(RUN)/student_proxykd --data $(VAL) --device $(DEVICE) > $(STUDY)/ref/proxykd.json
+	$(PYTHON) evaluation.py --model $(RUN)/student_blackbox --data $(VAL) --device $(DEVICE) --record $(STUDY)/ref/blackbox.json
+	$(PYTHON) evaluation.py --model $(RUN)/student_proxykd --data $(VAL) --device $(DEVICE) --record $(STUDY)/ref/proxykd.json
 	touch $@
 $(STUDY)/proxy_round_%.json: $(RUN)/proxy/.done
 	@mkdir -p $(STUDY)
-	$(PYTHON) evaluation.py --model $(call study_proxy,$*) --data $(VAL) --device $(DEVICE) > $@.tmp
-	mv $@.tmp $@
+	$(PYTHON) evaluation.py --model $(call study_proxy,$*) --data $(VAL) --device $(DEVICE) --record $@
 $(STUDY)/cache_round_%/.done: $(RUN)/proxy/.done
 	$(PYTHON) distill.py cache --proxy $(call study_proxy,$*) --data $(RUN)/split/D_s.jsonl --out $(STUDY)/cache_round_$* \
 	  --topk $(TOPK) --max-len $(MAX_LEN) --device $(DEVICE)

@@ -259,7 +259,8 @@ def study_points(study: Path, main: dict) -> list[dict]:
     in `main`: alpha, gamma, rounds, slip); a slip-rate point is a whole run with its own teacher, so
     it has its own aligned proxy too (scored on validation: the slip runs evaluate on it). The proxy column is
     filled where the proxy differs along the axis (rounds, slip rate); alpha and gamma share the main job's."""
-    ref = {"blackbox": _acc(study / "ref" / "blackbox.json"), "proxykd": _acc(study / "ref" / "proxykd.json")}
+    ref = {"blackbox": _acc(study / "ref" / "blackbox.json"), "proxykd": _acc(study / "ref" / "proxykd.json"),
+           "paired": _paired_files(study / "ref" / "proxykd.json", study / "ref" / "blackbox.json")}
     points = []
     for prefix, _, key, _ in AXES:
         values = {float(main[key]): dict(ref, proxy=None)}
@@ -269,13 +270,16 @@ def study_points(study: Path, main: dict) -> list[dict]:
                 run = d / "run"
                 values[v] = {"proxy": _acc(run / "proxy" / "eval.json"),
                              "blackbox": _acc(run / "student_blackbox" / "eval.json"),
-                             "proxykd": _acc(run / "student_proxykd" / "eval.json")}
+                             "proxykd": _acc(run / "student_proxykd" / "eval.json"),
+                             "paired": _paired_files(run / "student_proxykd" / "eval.json",
+                                                     run / "student_blackbox" / "eval.json")}
             else:
-                values[v] = {"proxy": None, "blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json")}
+                values[v] = {"proxy": None, "blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json"),
+                             "paired": _paired_files(d / "eval.json", study / "ref" / "blackbox.json")}
         if prefix == "round":  # a proxy already scored whose student is not trained yet
             for f in study.glob("proxy_round_*.json"):
                 values.setdefault(float(f.stem.rsplit("_", 1)[1]),
-                                  {"proxy": None, "blackbox": ref["blackbox"], "proxykd": None})
+                                  {"proxy": None, "blackbox": ref["blackbox"], "proxykd": None, "paired": None})
             for v, point in values.items():
                 point["proxy"] = _acc(study / f"proxy_round_{int(v):02d}.json")
         if prefix == "slip":  # the main job's own slip rate: its aligned proxy is the last round's
@@ -284,9 +288,20 @@ def study_points(study: Path, main: dict) -> list[dict]:
     return points
 
 
+def _paired_files(a: Path, b: Path) -> tuple[float, float, int] | None:
+    """paired_difference of two eval records on disk, or None where either is missing or has no per-problem
+    scores (written before they were kept) or they are over other problems."""
+    if not (a.exists() and b.exists()):
+        return None
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    if "correct" not in ra or "correct" not in rb or ra.get("groups") != rb.get("groups"):
+        return None
+    return paired_difference(ra, rb)
+
+
 def study(study_dirs: list[Path], main: dict, out: Path, plot: Path | None, note: str = "") -> str:
     """The study's table (and plot) over one study directory per seed. With one, each cell is that seed's
-    accuracy; with several, mean ± std over the seeds that have the point, the gain paired seed by seed
+    accuracy and the gain has its standard error on the validation problems (paired_difference); with several, mean ± std over the seeds that have the point, the gain paired seed by seed
     (each seed's Proxy-KD minus its own black-box KD), and a column saying how many seeds it averages."""
     label = {prefix: what for prefix, what, _, _ in AXES}
     many = len(study_dirs) > 1
@@ -310,6 +325,8 @@ def study(study_dirs: list[Path], main: dict, out: Path, plot: Path | None, note
         points.append(p)
         gain = "—" if not gains else f"{100 * p['gain']:+.1f}" + (
             f" ± {100 * p['gain_std']:.1f}" if len(gains) > 1 else "")  # the per-seed gains, in points
+        if not many and gains and same[0].get("paired"):  # one seed: the gain's standard error on its problems
+            gain += f" ± {100 * same[0]['paired'][1]:.1f} (1 s.e.)"
         md.append(f"| {label[axis]} | {value:g} | {cell(col['proxy'])} | {cell(col['blackbox'])} | "
                   f"{cell(col['proxykd'])} | {gain} |" + (f" {len(gains)} |" if many else ""))
     text = (note + "\n\n" if note else "") + "\n".join(md) + "\n"

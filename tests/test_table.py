@@ -200,3 +200,21 @@ def test_collect_states_each_seeds_gain_and_their_mean(tmp_path):
     se = (4 / 3 * (0.75 ** 2 + 3 * 0.25 ** 2)) ** 0.5 / 4  # d = [1, 0, 0, 0] (seed 0), mean 0.25
     assert f"| Proxy-KD − black-box KD | seed0 +25.0 ± {100 * se:.1f} / seed1 -25.0 ± {100 * se:.1f} | 0.0 ± 35.4 |" \
         in text
+
+
+def test_study_with_one_seed_gives_each_gain_its_standard_error(tmp_path):
+    groups = ["a", "a", "b", "c"]
+
+    def rec(path, correct):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"accuracy": sum(correct) / 4, "n": 4, "correct": correct, "groups": groups}))
+    rec(tmp_path / "ref" / "blackbox.json", [0, 0, 1, 1])
+    rec(tmp_path / "ref" / "proxykd.json", [1, 1, 1, 0])
+    rec(tmp_path / "alpha_10" / "eval.json", [0, 1, 1, 1])
+    text = table.study([tmp_path], {"alpha": 1, "gamma": 0.4, "rounds": 2, "slip": 0.1}, tmp_path / "s.md", None)
+    rows = {tuple(c.strip() for c in line.split("|")[2:7]) for line in text.splitlines()[2:]}
+    bb = {"correct": [0, 0, 1, 1], "groups": groups}
+    _, se_main, _ = table.paired_difference({"correct": [1, 1, 1, 0], "groups": groups}, bb)
+    _, se_10, _ = table.paired_difference({"correct": [0, 1, 1, 1], "groups": groups}, bb)
+    assert ("1", "—", "50.0", "75.0", f"+25.0 ± {100 * se_main:.1f} (1 s.e.)") in rows
+    assert ("10", "—", "50.0", "75.0", f"+25.0 ± {100 * se_10:.1f} (1 s.e.)") in rows
