@@ -122,8 +122,8 @@ def main(argv=None):
     except (CheckpointError, data.DataError) as err:
         fail(str(err))
     if args.out:
-        data.write_jsonl(args.out, [{**r, "output": o, "correct": data.is_correct(o, r["answer"])}
-                                    for r, o in zip(rows, res["outputs"])])
+        data.write_jsonl(args.out, [{**r, "output": o, "correct": c}
+                                    for r, o, c in zip(rows, res["outputs"], res["scores"])])
     if args.record:
         data.atomic_write_text(args.record, json.dumps(eval_record(res, rows)) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k not in ("outputs", "scores")}))

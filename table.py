@@ -34,14 +34,20 @@ ROWS = [
 ]
 
 
+def _record(path: Path) -> dict | None:
+    """An eval JSON ({"accuracy": ...}: a stage's eval.json, `evaluation.py --record`'s), or None before it exists."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _acc(path: Path) -> float | None:
-    """The accuracy an eval JSON holds ({"accuracy": ...}: a stage's eval.json, `evaluation.py`'s output)."""
-    return json.loads(path.read_text())["accuracy"] if path.exists() else None
+    """The accuracy an eval JSON holds."""
+    r = _record(path)
+    return None if r is None else r["accuracy"]
 
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
-    """Accuracy of a minus that of b on the same problems (two eval records, as evaluation.eval_record writes them) -> (the
-    difference, its standard error, the number of groups).
+    """Accuracy of a minus that of b on the same problems (two eval records, as evaluation.eval_record writes
+    them) -> (the difference, its standard error, the number of groups).
 
     The standard error is the cluster-robust one of a mean: with d_i = a_i - b_i, D their mean over the N problems
     and S_g the sum of d_i - D over group g's problems, se = sqrt(G / (G - 1) * sum_g S_g^2) / N. Groups of problems
@@ -66,7 +72,7 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
 def row_record(run: Path, bases: Path, where: str) -> dict | None:
     """A row's eval.json (see ROWS for `where`), or None before its stage has run."""
     d = bases / where.split(":", 1)[1] if where.startswith("bases:") else run / where
-    return json.loads((d / "eval.json").read_text()) if (d / "eval.json").exists() else None
+    return _record(d / "eval.json")
 
 
 def accuracy(run: Path, bases: Path, where: str) -> float | None:
@@ -74,13 +80,17 @@ def accuracy(run: Path, bases: Path, where: str) -> float | None:
     return None if r is None else r["accuracy"]
 
 
-def paired(run: Path, bases: Path, a: str, b: str) -> tuple[float, float, int] | None:
-    """paired_difference of rows a and b of one run, or None unless both have per-problem scores on the same
-    problems."""
-    ra, rb = row_record(run, bases, a), row_record(run, bases, b)
+def paired_records(ra: dict | None, rb: dict | None) -> tuple[float, float, int] | None:
+    """paired_difference of two eval records, or None where either is missing, has no per-problem scores (written
+    before they were kept) or is over other problems."""
     if not (ra and rb and "correct" in ra and "correct" in rb and ra.get("groups") == rb.get("groups")):
         return None
     return paired_difference(ra, rb)
+
+
+def paired(run: Path, bases: Path, a: str, b: str) -> tuple[float, float, int] | None:
+    """paired_records of rows a and b of one run (see ROWS)."""
+    return paired_records(row_record(run, bases, a), row_record(run, bases, b))
 
 
 # Differences the summary states with their standard error: (label, row, minus row), rows as in ROWS.
@@ -111,9 +121,9 @@ def summary(run: Path, bases: Path, teacher: Path | None = None) -> str:
         if acc is not None:
             lines.append(f"  {label:<64} {100 * acc:6.1f} %")
     for label, a, b in GAINS:
-        if (g := paired(run, bases, a, b)) is not None:
+        ra, rb = row_record(run, bases, a), row_record(run, bases, b)
+        if (g := paired_records(ra, rb)) is not None:
             d, se, G = g
-            ra = row_record(run, bases, a)
             lines.append(f"  {label:<64} {100 * d:+6.1f} ± {100 * se:.1f} points (1 s.e.: {ra['n']} problems, "
                          f"{G} groups of shared numbers)")
     ag = agreement(run)
@@ -259,8 +269,9 @@ def study_points(study: Path, main: dict) -> list[dict]:
     in `main`: alpha, gamma, rounds, slip); a slip-rate point is a whole run with its own teacher, so
     it has its own aligned proxy too (scored on validation: the slip runs evaluate on it). The proxy column is
     filled where the proxy differs along the axis (rounds, slip rate); alpha and gamma share the main job's."""
-    ref = {"blackbox": _acc(study / "ref" / "blackbox.json"), "proxykd": _acc(study / "ref" / "proxykd.json"),
-           "paired": _paired_files(study / "ref" / "proxykd.json", study / "ref" / "blackbox.json")}
+    ref_bb, ref_pk = _record(study / "ref" / "blackbox.json"), _record(study / "ref" / "proxykd.json")
+    ref = {"blackbox": None if ref_bb is None else ref_bb["accuracy"],
+           "proxykd": None if ref_pk is None else ref_pk["accuracy"], "paired": paired_records(ref_pk, ref_bb)}
     points = []
     for prefix, _, key, _ in AXES:
         values = {float(main[key]): dict(ref, proxy=None)}
@@ -271,11 +282,12 @@ def study_points(study: Path, main: dict) -> list[dict]:
                 values[v] = {"proxy": _acc(run / "proxy" / "eval.json"),
                              "blackbox": _acc(run / "student_blackbox" / "eval.json"),
                              "proxykd": _acc(run / "student_proxykd" / "eval.json"),
-                             "paired": _paired_files(run / "student_proxykd" / "eval.json",
-                                                     run / "student_blackbox" / "eval.json")}
+                             "paired": paired_records(_record(run / "student_proxykd" / "eval.json"),
+                                                      _record(run / "student_blackbox" / "eval.json"))}
             else:
                 values[v] = {"proxy": None, "blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json"),
-                             "paired": _paired_files(d / "eval.json", study / "ref" / "blackbox.json")}
+                             "paired": paired_records(_record(d / "eval.json"),
+                                                      _record(study / "ref" / "blackbox.json"))}
         if prefix == "round":  # a proxy already scored whose student is not trained yet
             for f in study.glob("proxy_round_*.json"):
                 values.setdefault(float(f.stem.rsplit("_", 1)[1]),
@@ -288,21 +300,11 @@ def study_points(study: Path, main: dict) -> list[dict]:
     return points
 
 
-def _paired_files(a: Path, b: Path) -> tuple[float, float, int] | None:
-    """paired_difference of two eval records on disk, or None where either is missing or has no per-problem
-    scores (written before they were kept) or they are over other problems."""
-    if not (a.exists() and b.exists()):
-        return None
-    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
-    if "correct" not in ra or "correct" not in rb or ra.get("groups") != rb.get("groups"):
-        return None
-    return paired_difference(ra, rb)
-
-
 def study(study_dirs: list[Path], main: dict, out: Path, plot: Path | None, note: str = "") -> str:
     """The study's table (and plot) over one study directory per seed. With one, each cell is that seed's
-    accuracy and the gain has its standard error on the validation problems (paired_difference); with several, mean ± std over the seeds that have the point, the gain paired seed by seed
-    (each seed's Proxy-KD minus its own black-box KD), and a column saying how many seeds it averages."""
+    accuracy and the gain has its standard error on the validation problems (paired_difference); with several,
+    mean ± std over the seeds that have the point, the gain paired seed by seed (each seed's Proxy-KD minus its
+    own black-box KD), and a column saying how many seeds it averages."""
     label = {prefix: what for prefix, what, _, _ in AXES}
     many = len(study_dirs) > 1
 
@@ -448,8 +450,9 @@ def main(argv=None):
         except ValueError as e:
             print(f"error: {args.a} vs {args.b}: {e}", file=sys.stderr)
             return 2
-        print(f"A {100 * ra['accuracy']:.1f} %, B {100 * rb['accuracy']:.1f} %, A − B {100 * d:+.1f} ± {100 * se:.1f} "
-              f"points (1 s.e.; {ra['n']} problems in {G} groups of shared numbers)")
+        print(f"A {100 * ra['accuracy']:.1f} %, B {100 * rb['accuracy']:.1f} %, "
+              f"A − B {100 * d:+.1f} ± {100 * se:.1f} points (1 s.e.; {ra['n']} problems in {G} groups of shared "
+              f"numbers)")
         return 0
     if args.cmd == "study":
         main_job = {"alpha": args.alpha, "gamma": args.gamma, "rounds": args.rounds, "slip": args.slip}
