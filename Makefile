@@ -61,6 +61,8 @@ slip_tag = $(if $(TEACHER_URL),,$(if $(filter-out $(SLIP_DEFAULT),$(SLIP_RATE)),
 TEACHER_DIR ?= runs/teacher$(slip_tag)
 run_dir = runs/seed$(1)$(slip_tag)
 RUN ?= $(call run_dir,$(SEED))
+# `make study`'s directory per seed: runs/study for seed 0 (the main job's), runs/study_s<N> for the others
+study_dir = runs/study$(if $(filter-out 0,$(1)),_s$(1))
 # The embedded world's sizes (teacher prompts, eval and validation problems, pretraining documents, BPE vocabulary).
 N_PROMPTS ?= 8000
 N_EVAL ?= 500
@@ -132,6 +134,23 @@ kd_args = --topk $(TOPK) --alpha $(1) --gamma $(2) --kl-eps $(KL_EPS)
 KD_ARGS = $(call kd_args,$(ALPHA),$(GAMMA))
 STUDENT_ARGS = $(DISTILL_ARGS) $(STAGE) $(EVAL_ARGS)
 
+# HARD=1: the harder world, every template of world.TEMPLATES (2-4 steps), in runs/hard/ with its own world, bases
+# (`make bases HARD=1`, about 4 minutes; the first run builds them otherwise), teacher and runs. There the paper's
+# premise holds: the aligned proxy ends far above the black-box student, which learns 3-4-step answers from D_s
+# much worse than two-step ones. Stage 1 needs more passes to get there than the main job's (a 40-epoch warm-up
+# and one 40-epoch round, both with weight decay 1.0), several times the main job's time (README "The harder
+# world").
+ifeq ($(HARD),1)
+TEMPLATES := all
+WORLD := runs/hard/world
+BASES := runs/hard/bases
+TEACHER_DIR := runs/hard/teacher$(slip_tag)
+run_dir = runs/hard/seed$(1)$(slip_tag)
+study_dir = runs/hard/study$(if $(filter-out 0,$(1)),_s$(1))
+ROUNDS := 1
+SFT_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 40 --weight-decay 1.0
+ALIGN_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 40 --weight-decay 1.0
+endif
 ifeq ($(PROXY_INIT),)
 PROXY_BASE := $(BASES)/proxy
 PROXY_BASE_DONE := $(PROXY_BASE)/.done
@@ -335,8 +354,6 @@ table: $(VENV)/.dev
 	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS), slip rate $(SLIP_RATE)"
 
 # ------------------------------------------------------------------------------- the map (make study)
-# one directory per seed: runs/study for seed 0 (the main job's), runs/study_s<N> for the others
-study_dir = runs/study$(if $(filter-out 0,$(1)),_s$(1))
 STUDY ?= $(call study_dir,$(SEED))
 # the points: Proxy-KD from the proxy of each earlier round (00: the warm-up SFT), other alphas and gammas, and
 # whole runs with a teacher that slips; each moves one setting away from the main job's, which every axis shares

@@ -48,3 +48,35 @@ def test_make_smoke_runs_the_main_job_end_to_end(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "proxy_align.py" not in second.stdout and "distill.py" not in second.stdout  # nothing re-ran
+
+
+def _dry_run(*args) -> list[str]:
+    """The commands make would run for args (make -n), one per logical line."""
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(ROOT), *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.replace("\\\n", " ").splitlines()
+
+
+def _line(lines, *needles) -> str:
+    found = [x for x in lines if all(n in x for n in needles)]
+    assert len(found) == 1, (needles, lines)
+    return found[0]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="make")
+def test_hard_preset_moves_every_directory_and_the_stage_1_recipe():
+    # A seed no run has used, so the split, warm-up and round are planned whatever runs/ holds.
+    seed = "90917"
+    hard = _dry_run(f"runs/hard/seed{seed}/proxy/.done", "HARD=1", f"SEED={seed}")
+    sft = _line(hard, "proxy_align.py sft", f"runs/hard/seed{seed}/split/D_w.jsonl")
+    assert "--init runs/hard/bases/proxy" in sft and "--epochs 40 --weight-decay 1.0" in sft
+    align = _line(hard, "proxy_align.py align", f"--out runs/hard/seed{seed}/proxy")
+    assert "--rounds 1 " in align and "--epochs 40 --weight-decay 1.0" in align
+    assert "--heldout runs/hard/teacher/teacher_eval.jsonl" in align and "--eval runs/hard/world/eval.jsonl" in align
+    # The command line still wins over the preset, and without it the main job's world and recipe stand.
+    assert "--rounds 3 " in _line(_dry_run(f"runs/hard/seed{seed}/proxy/.done", "HARD=1", "ROUNDS=3",
+                                           f"SEED={seed}"), "proxy_align.py align")
+    main = _dry_run(f"runs/seed{seed}/proxy/.done", f"SEED={seed}")
+    align = _line(main, "proxy_align.py align", f"--out runs/seed{seed}/proxy")
+    assert "--rounds 2 " in align and "--weight-decay" not in align and "runs/hard" not in " ".join(main)
