@@ -39,9 +39,8 @@ def _record(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _acc(path: Path) -> float | None:
-    """The accuracy an eval JSON holds."""
-    r = _record(path)
+def _acc(r: dict | None) -> float | None:
+    """The accuracy an eval record holds, None without a record."""
     return None if r is None else r["accuracy"]
 
 
@@ -76,8 +75,7 @@ def row_record(run: Path, bases: Path, where: str) -> dict | None:
 
 
 def accuracy(run: Path, bases: Path, where: str) -> float | None:
-    r = row_record(run, bases, where)
-    return None if r is None else r["accuracy"]
+    return _acc(row_record(run, bases, where))
 
 
 def paired_records(ra: dict | None, rb: dict | None) -> tuple[float, float, int] | None:
@@ -269,9 +267,11 @@ def study_points(study: Path, main: dict) -> list[dict]:
     in `main`: alpha, gamma, rounds, slip); a slip-rate point is a whole run with its own teacher, so
     it has its own aligned proxy too (scored on validation: the slip runs evaluate on it). The proxy column is
     filled where the proxy differs along the axis (rounds, slip rate); alpha and gamma share the main job's."""
-    ref_bb, ref_pk = _record(study / "ref" / "blackbox.json"), _record(study / "ref" / "proxykd.json")
-    ref = {"blackbox": None if ref_bb is None else ref_bb["accuracy"],
-           "proxykd": None if ref_pk is None else ref_pk["accuracy"], "paired": paired_records(ref_pk, ref_bb)}
+    def students(pk: dict | None, bb: dict | None) -> dict:  # a point's student columns, from their records
+        return {"blackbox": _acc(bb), "proxykd": _acc(pk), "paired": paired_records(pk, bb)}
+
+    ref_bb = _record(study / "ref" / "blackbox.json")
+    ref = students(_record(study / "ref" / "proxykd.json"), ref_bb)
     points = []
     for prefix, _, key, _ in AXES:
         values = {float(main[key]): dict(ref, proxy=None)}
@@ -279,23 +279,19 @@ def study_points(study: Path, main: dict) -> list[dict]:
             v = float(d.name.split("_", 1)[1])
             if prefix == "slip":
                 run = d / "run"
-                values[v] = {"proxy": _acc(run / "proxy" / "eval.json"),
-                             "blackbox": _acc(run / "student_blackbox" / "eval.json"),
-                             "proxykd": _acc(run / "student_proxykd" / "eval.json"),
-                             "paired": paired_records(_record(run / "student_proxykd" / "eval.json"),
-                                                      _record(run / "student_blackbox" / "eval.json"))}
+                values[v] = {"proxy": _acc(_record(run / "proxy" / "eval.json")),
+                             **students(_record(run / "student_proxykd" / "eval.json"),
+                                        _record(run / "student_blackbox" / "eval.json"))}
             else:
-                values[v] = {"proxy": None, "blackbox": ref["blackbox"], "proxykd": _acc(d / "eval.json"),
-                             "paired": paired_records(_record(d / "eval.json"),
-                                                      _record(study / "ref" / "blackbox.json"))}
+                values[v] = {"proxy": None, **students(_record(d / "eval.json"), ref_bb)}
         if prefix == "round":  # a proxy already scored whose student is not trained yet
             for f in study.glob("proxy_round_*.json"):
                 values.setdefault(float(f.stem.rsplit("_", 1)[1]),
                                   {"proxy": None, "blackbox": ref["blackbox"], "proxykd": None, "paired": None})
             for v, point in values.items():
-                point["proxy"] = _acc(study / f"proxy_round_{int(v):02d}.json")
+                point["proxy"] = _acc(_record(study / f"proxy_round_{int(v):02d}.json"))
         if prefix == "slip":  # the main job's own slip rate: its aligned proxy is the last round's
-            values[float(main["slip"])]["proxy"] = _acc(study / f"proxy_round_{int(main['rounds']):02d}.json")
+            values[float(main["slip"])]["proxy"] = _acc(_record(study / f"proxy_round_{int(main['rounds']):02d}.json"))
         points += [{"axis": prefix, "value": v, **values[v]} for v in sorted(values)]
     return points
 

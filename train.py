@@ -585,8 +585,9 @@ def keep_freed_memory() -> bool:
     back to the kernel on free, so the next step's tensor of the same size faults its pages in again, zeroed by
     the kernel: a training step of the embedded student allocates a dozen [N, V] and [B, T, C] fp32 tensors of
     0.1-2 MB each, and its ~1,100 page faults a step cost ~10 % of its wall time (README "Speed"). With the
-    threshold at 32 MiB and the heap trimmed only past 1 GiB, freed blocks stay in the heap and are reused. Only where the memory comes from
-    changes: tensors stay 64-byte aligned (PyTorch's own allocator), so every result is the same to the bit."""
+    threshold at 32 MiB and the heap trimmed only past 1 GiB, freed blocks stay in the heap and are reused. Only
+    where the memory comes from changes: tensors stay 64-byte aligned (PyTorch's own allocator), so every result
+    is the same to the bit."""
     import ctypes
     import ctypes.util
     if sys.platform != "linux":
