@@ -52,17 +52,19 @@ test: $(VENV)/.dev
 # (HF directories) and DEVICE; see the README for a real configuration.
 SEED ?= 0
 DEVICE ?= auto
-WORLD ?= runs/world
+# Where the job's directories go: runs/ (HARD=1: runs/hard/).
+RUNS ?= runs
+WORLD ?= $(RUNS)/world
 # The pretrained bases, shipped in bases/ as an open LLM is downloaded (`make bases` rebuilds them).
 BASES ?= bases
 # A slip rate other than the default (e.g. SLIP_RATE=0) is another teacher: its answers and every run on them get
 # their own directories (runs/teacher_slip0, runs/seed0_slip0), so no stage reuses another teacher's.
 slip_tag = $(if $(TEACHER_URL),,$(if $(filter-out $(SLIP_DEFAULT),$(SLIP_RATE)),_slip$(SLIP_RATE)))
-TEACHER_DIR ?= runs/teacher$(slip_tag)
-run_dir = runs/seed$(1)$(slip_tag)
+TEACHER_DIR ?= $(RUNS)/teacher$(slip_tag)
+run_dir = $(RUNS)/seed$(1)$(slip_tag)
 RUN ?= $(call run_dir,$(SEED))
-# `make study`'s directory per seed: runs/study for seed 0 (the main job's), runs/study_s<N> for the others
-study_dir = runs/study$(if $(filter-out 0,$(1)),_s$(1))
+# `make study`'s directory per seed: RUNS/study for seed 0 (the main job's), RUNS/study_s<N> for the others
+study_dir = $(RUNS)/study$(if $(filter-out 0,$(1)),_s$(1))
 # The embedded world's sizes (teacher prompts, eval and validation problems, pretraining documents, BPE vocabulary).
 N_PROMPTS ?= 8000
 N_EVAL ?= 500
@@ -142,11 +144,8 @@ STUDENT_ARGS = $(DISTILL_ARGS) $(STAGE) $(EVAL_ARGS)
 # world").
 ifeq ($(HARD),1)
 TEMPLATES := all
-WORLD := runs/hard/world
-BASES := runs/hard/bases
-TEACHER_DIR := runs/hard/teacher$(slip_tag)
-run_dir = runs/hard/seed$(1)$(slip_tag)
-study_dir = runs/hard/study$(if $(filter-out 0,$(1)),_s$(1))
+RUNS := runs/hard
+BASES := $(RUNS)/bases
 ROUNDS := 1
 SFT_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 40 --weight-decay 1.0
 ALIGN_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 40 --weight-decay 1.0
@@ -343,14 +342,14 @@ $(RUN)/student_whitebox_%/.done: $(RUN)/cache_wb_%/.done $(STUDENT_BASE_DONE)
 stage1: $(RUN)/proxy/.done $(RUN)/proxy_nodpo/.done
 
 SEEDS ?= 0 1 2
-# Every row over SEEDS: runs/table.md (mean ± std) and runs/table.png. Per seed, stage 1 first (its two proxies at
+# Every row over SEEDS: RUNS/table.md (mean ± std) and RUNS/table.png. Per seed, stage 1 first (its two proxies at
 # PROXY_THREADS, one after the other), then the students JOBS at a time at THREADS.
 table: $(VENV)/.dev
 	for s in $(SEEDS); do \
 	  $(MAKE) --no-print-directory stage1 SEED=$$s THREADS=$(PROXY_THREADS) || exit 1; \
 	  $(MAKE) --no-print-directory -j$(JOBS) --output-sync=line rows SEED=$$s || exit 1; done
 	$(PYTHON) table.py collect --runs $(foreach s,$(SEEDS),$(call run_dir,$(s))) --bases $(BASES) \
-	  --out runs/table.md --plot runs/table.png \
+	  --out $(RUNS)/table.md --plot $(RUNS)/table.png \
 	  --note "make table on $$(nproc --all) CPU cores ($$(uname -m)), torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'), seeds $(SEEDS), slip rate $(SLIP_RATE)"
 
 # ------------------------------------------------------------------------------- the map (make study)
@@ -377,13 +376,13 @@ study: $(VENV)/.dev
 	$(PYTHON) table.py study --dir $(STUDY) $(STUDY_MAIN) --out $(STUDY)/study.md --plot $(STUDY)/study.png \
 	  --note "make study on $$(nproc --all) CPU cores ($$(uname -m)), seed $(SEED), accuracy on $(VAL)"
 # The map over SEEDS: per seed its main job (stage 1 as `make proxy` builds it), then its study in its own
-# directory; runs/study_seeds.md and .png give each point's mean ± std, the gain paired seed by seed.
+# directory; RUNS/study_seeds.md and .png give each point's mean ± std, the gain paired seed by seed.
 study-seeds: $(VENV)/.dev
 	$(foreach s,$(SEEDS),$(MAKE) --no-print-directory proxy SEED=$(s) RUN=$(call run_dir,$(s)) && \
 	  $(MAKE) --no-print-directory student SEED=$(s) RUN=$(call run_dir,$(s)) && \
 	  $(MAKE) --no-print-directory study SEED=$(s) RUN=$(call run_dir,$(s)) STUDY=$(call study_dir,$(s)) &&) true
 	$(PYTHON) table.py study $(foreach s,$(SEEDS),--dir $(call study_dir,$(s))) $(STUDY_MAIN) \
-	  --out runs/study_seeds.md --plot runs/study_seeds.png \
+	  --out $(RUNS)/study_seeds.md --plot $(RUNS)/study_seeds.png \
 	  --note "make study-seeds on $$(nproc --all) CPU cores ($$(uname -m)), seeds $(SEEDS), accuracy on $(VAL)"
 # the main job's two students, scored on the validation split
 $(STUDY)/ref/.done: $(RUN)/student_blackbox/.done $(RUN)/student_proxykd/.done

@@ -77,6 +77,8 @@ def test_hard_preset_moves_every_directory_and_the_stage_1_recipe():
     # The command line still wins over the preset, and without it the main job's world and recipe stand.
     assert "--rounds 3 " in _line(_dry_run(f"runs/hard/seed{seed}/proxy/.done", "HARD=1", "ROUNDS=3",
                                            f"SEED={seed}"), "proxy_align.py align")
+    # `make table` writes its table beside the preset's runs, not over the main job's.
+    assert "--out runs/hard/table.md" in _line(_dry_run("table", "HARD=1", f"SEEDS={seed}"), "table.py collect")
     main = _dry_run(f"runs/seed{seed}/proxy/.done", f"SEED={seed}")
     align = _line(main, "proxy_align.py align", f"--out runs/seed{seed}/proxy")
     assert "--rounds 2 " in align and "--weight-decay" not in align and "runs/hard" not in " ".join(main)
