@@ -79,7 +79,7 @@ def sample_weights(mean_logps, gamma: float) -> torch.Tensor:
     return torch.sigmoid((ell - mu) / (gamma * std)).float()
 
 
-def weighted_kl(logq, w, topk_logits=None, topk_ids=None, proxy_logits=None, eps: float = 0.0):
+def weighted_kl(logq, w, topk_logits=None, topk_ids=None, proxy_logits=None, eps: float = 0.0, tau: float = 1.0):
     """Eq. 10, per token: w_{s(t)} · KL(p_proxy,t ‖ p_student,t) -> (weighted [N], unweighted [N]), fp32.
 
     logq [N, V]: the student's full-vocabulary log-softmax; w [N]: each token's sample weight. The proxy is either
@@ -87,7 +87,16 @@ def weighted_kl(logq, w, topk_logits=None, topk_ids=None, proxy_logits=None, eps
     without smoothing the KL runs over those k ids with log q gathered there, not renormalised, so the student
     is pulled to put the proxy's top-k mass on the same ids), or its full logits proxy_logits [N, V].
     With eps > 0 (the authors' smoothing) the top-k target is spread over the whole vocabulary first (0 outside
-    the k ids), as the authors' code smooths the full distributions."""
+    the k ids), as the authors' code smooths the full distributions.
+
+    tau != 1 is not in the paper: Hinton et al.'s softened KD, τ² · KL(softmax(z_p / τ) ‖ softmax(z_s / τ)). The
+    proxy's logits are divided by tau here; logq must then be the student's log-softmax of its logits / tau (see
+    _kd_chunk). The τ² keeps the term's gradients the size they have at τ = 1. tau = 1 is the paper's eq. 10."""
+    if tau != 1.0:
+        topk_logits = None if topk_logits is None else topk_logits.float() / tau
+        proxy_logits = None if proxy_logits is None else proxy_logits.float() / tau
+        wkl, kl = weighted_kl(logq, w, topk_logits, topk_ids, proxy_logits, eps)
+        return wkl * tau ** 2, kl * tau ** 2
     if topk_ids is not None:
         logp = topk_logits.float().log_softmax(-1)
         if eps > 0:
@@ -109,19 +118,24 @@ def student_loss(nll, wkl, n_tokens, alpha: float):
 
 # --------------------------------------------------------------------------------- the chunked driver
 
-def _kd_chunk(head, proxy_head, eps, h, targets, w, topk_logits, topk_ids, proxy_h):
-    """One chunk: the student head and one fp32 log-softmax shared by eq. 7 and eq. 10 -> nll, wkl, kl [n]."""
-    logq = F.linear(h, head).float().log_softmax(-1)  # [n, V] fp32: only ever one chunk's worth
+def _kd_chunk(head, proxy_head, eps, tau, h, targets, w, topk_logits, topk_ids, proxy_h):
+    """One chunk: the student head and one fp32 log-softmax shared by eq. 7 and eq. 10 (a second one at the KD
+    temperature when tau != 1) -> nll, wkl, kl [n]."""
+    kd = topk_ids is not None or proxy_h is not None
+    logits = F.linear(h, head).float()  # [n, V] fp32: only ever one chunk's worth
+    logq_tau = (logits / tau).log_softmax(-1) if kd and tau != 1.0 else None
+    logq = logits.log_softmax(-1)
+    del logits  # one [n, V] fewer alive through the rest of the chunk
     nll = student_nll(logq, targets)
-    if topk_ids is None and proxy_h is None:
+    if not kd:
         return nll, torch.zeros_like(nll), torch.zeros_like(nll)
     proxy_logits = None if proxy_h is None else cache.fp32_logits(proxy_h, proxy_head)  # no grad: frozen proxy
-    wkl, kl = weighted_kl(logq, w, topk_logits, topk_ids, proxy_logits, eps)
+    wkl, kl = weighted_kl(logq if logq_tau is None else logq_tau, w, topk_logits, topk_ids, proxy_logits, eps, tau)
     return nll, wkl, kl
 
 
 def kd_token_losses(h, head, targets, w=None, topk_logits=None, topk_ids=None, proxy_h=None, proxy_head=None,
-                    eps: float = 0.0, chunk_tokens: int = CHUNK_TOKENS):
+                    eps: float = 0.0, chunk_tokens: int = CHUNK_TOKENS, tau: float = 1.0):
     """Eqs. 7 and 10 over the student's response positions, chunk by chunk -> nll, wkl, kl [N] fp32.
 
     h [N, C]: the student's final (normed) hidden states at the shifted response positions, head [V, C]: its
@@ -130,7 +144,7 @@ def kd_token_losses(h, head, targets, w=None, topk_logits=None, topk_ids=None, p
     head proxy_head [V, C_p] (the full-vocabulary mode), or not at all (black-box KD: the KL terms are 0).
     model.map_chunks runs each chunk under activation checkpointing: the peak is O(chunk · V), never O(N · V)."""
     w = torch.ones_like(targets, dtype=torch.float32) if w is None else w
-    parts = map_chunks(_kd_chunk, (h, targets, w, topk_logits, topk_ids, proxy_h), (head, proxy_head, eps),
+    parts = map_chunks(_kd_chunk, (h, targets, w, topk_logits, topk_ids, proxy_h), (head, proxy_head, eps, tau),
                        chunk_tokens)
     if not parts:
         z = h.new_zeros(0, dtype=torch.float32)
@@ -138,7 +152,8 @@ def kd_token_losses(h, head, targets, w=None, topk_logits=None, topk_ids=None, p
     return tuple(torch.cat(xs) for xs in zip(*parts))
 
 
-def distill_loss(fwd, batch, norm, alpha: float, eps: float = 0.0, proxy=None, chunk_tokens: int = CHUNK_TOKENS):
+def distill_loss(fwd, batch, norm, alpha: float, eps: float = 0.0, proxy=None, chunk_tokens: int = CHUNK_TOKENS,
+                 tau: float = 1.0):
     """One micro-batch of eq. 11, as the training loop calls it: (loss, metrics). The batch carries per-token
     weights ("weights" [N]) and, in the cached mode, the proxy's top-k rows ("topk_logits", "topk_ids" [N, k]);
     with `proxy` and no cached rows the proxy runs here under no_grad (the full-vocabulary mode); with neither
@@ -154,7 +169,7 @@ def distill_loss(fwd, batch, norm, alpha: float, eps: float = 0.0, proxy=None, c
             ph = proxy(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)
         kw = {"proxy_h": ph[:, :-1][mask], "proxy_head": proxy.lm_head.weight}
     nll, wkl, kl = kd_token_losses(h, fwd.lm_head.weight, targets, batch.get("weights"), eps=eps,
-                                   chunk_tokens=chunk_tokens, **kw)
+                                   chunk_tokens=chunk_tokens, tau=tau, **kw)
     n = norm["tokens"]
     loss = student_loss(nll, wkl, n, alpha if kw else 0.0)
     metrics = {"nll": nll.sum() / n, "tokens": mask.sum().float()}
@@ -201,6 +216,8 @@ def check_train_args(args):
         train.fail(f"--topk {args.topk}: expected k >= 1 (cached top-k) or 0 (full vocabulary, proxy in the loop)")
     if not args.gamma > 0:
         train.fail(f"--gamma {args.gamma}: expected a positive temperature (paper 1.0, authors' code 0.4)")
+    if not args.kd_temperature > 0:
+        train.fail(f"--kd-temperature {args.kd_temperature}: expected a positive temperature (1: the paper's KL)")
     if not 0 <= args.kl_eps < 1:
         train.fail(f"--kl-eps {args.kl_eps}: expected 0 (the paper's KL) or a small smoothing such as 7e-5")
 
@@ -245,7 +262,8 @@ def cmd_train(args):
     if summary is not None and train.find_checkpoint(out / "checkpoint") is None:
         train.MetricsLog(out, quiet=args.quiet)({"stage": "weights", "method": args.method, "gamma": args.gamma,
                                                  **summary})
-    loss_fn = partial(distill_loss, alpha=args.alpha, eps=args.kl_eps, proxy=proxy, chunk_tokens=args.chunk_tokens)
+    loss_fn = partial(distill_loss, alpha=args.alpha, eps=args.kl_eps, proxy=proxy, chunk_tokens=args.chunk_tokens,
+                      tau=args.kd_temperature)
     batch_fn = distill_batch_fn(seqs, data.special_ids(tok)["pad"], device, proxy_cache if args.topk else None,
                                 args.topk, weights)
     with train.timed(out, "train"):
@@ -321,6 +339,9 @@ def build_parser():
     t.add_argument("--kl-eps", type=float, default=0.0,
                    help="smooth both distributions as (p + eps) / sum(p + eps) before the KL: 0 is the paper's "
                         "equation, the authors' code uses 7e-5 (several times weaker at 32k-128k tokens)")
+    t.add_argument("--kd-temperature", type=float, default=1.0,
+                   help="soften both distributions as softmax(logits / T) and scale the KL by T^2 (Hinton et al.); "
+                        "1 is the paper's KL")
     add_keep_unfinished(t)
     t.add_argument("--chunk-tokens", type=positive_int, default=CHUNK_TOKENS,
                    help="response tokens per chunk of head + log-softmax + KL ([chunk, V] fp32 is the peak)")

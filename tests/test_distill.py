@@ -98,10 +98,36 @@ def test_smoothed_kl_against_float64(eps=7e-5):
     assert full_kl(proxy, proxy, eps).abs().max() < 1e-6
 
 
-def test_student_loss_against_a_float64_rederivation():
+def test_tempered_kl_against_float64_brute_force(tau=2.5):
+    """--kd-temperature T: T^2 KL(softmax(z_p / T) || softmax(z_s / T)), the top-k target renormalised over its
+    k ids, the student's log-probs over the full vocabulary at T; T = 1 is the paper's KL, bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    N, V, k = 6, 40, 5
+    s, proxy = torch.randn(N, V, generator=g) * 4, torch.randn(N, V, generator=g) * 4
+    vals, ids = proxy.topk(k, dim=-1)
+    logq_t = (s / tau).log_softmax(-1)
+    got_topk = distill.weighted_kl(logq_t, torch.ones(N), vals, ids, tau=tau)[1]
+    got_full = distill.weighted_kl(logq_t, torch.ones(N), proxy_logits=proxy, tau=tau)[1]
+    for n in range(N):
+        lq = [x / tau for x in s[n].double().tolist()]
+        log_zq = math.log(sum(math.exp(x) for x in lq))
+        lp = [x / tau for x in proxy[n].double().tolist()]
+        log_zp = math.log(sum(math.exp(x) for x in lp))
+        full = sum(math.exp(a - log_zp) * ((a - log_zp) - (b - log_zq)) for a, b in zip(lp, lq))
+        zk = [float(x) / tau for x in vals[n].double()]
+        log_zk = math.log(sum(math.exp(x) for x in zk))
+        topk = sum(math.exp(z - log_zk) * ((z - log_zk) - (lq[int(i)] - log_zq)) for z, i in zip(zk, ids[n]))
+        assert got_full[n].item() == pytest.approx(tau ** 2 * full, rel=1e-5, abs=1e-6), n
+        assert got_topk[n].item() == pytest.approx(tau ** 2 * topk, rel=1e-5, abs=1e-6), n
+    assert torch.equal(distill.weighted_kl(s.log_softmax(-1), torch.ones(N), vals, ids, tau=1.0)[1], topk_kl(s, vals, ids))
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_student_loss_against_a_float64_rederivation(tau):
     """Eq. 11 through the training loop's loss function, on a batch of three samples with different weights and
     lengths (and padding), against the loss written out in float64 from the student's logits and the proxy's
-    top-k: (sum_t NLL_t + alpha sum_t w_s(t) KL_t) / window tokens, with a window larger than the batch."""
+    top-k: (sum_t NLL_t + alpha sum_t w_s(t) KL_t) / window tokens, with a window larger than the batch. At a KD
+    temperature tau the KL is tau^2 KL(softmax(z_p / tau) || softmax(z_s / tau)) and the NLL stays at 1."""
     V, alpha, n_window = 61, 7.5, 40
     student = tiny_llama(V, 0)
     b = random_batch(V, 5)
@@ -112,7 +138,7 @@ def test_student_loss_against_a_float64_rederivation():
     w_sample = torch.tensor([0.9, 0.2, 0.55])
     b["weights"] = w_sample.repeat_interleave(mask.sum(-1))
     b["topk_logits"], b["topk_ids"] = vals, ids
-    loss, m = distill.distill_loss(student, b, {"tokens": n_window}, alpha=alpha, chunk_tokens=3)
+    loss, m = distill.distill_loss(student, b, {"tokens": n_window}, alpha=alpha, chunk_tokens=3, tau=tau)
     with torch.no_grad():
         logits = student(b["input_ids"], attention_mask=b["attention_mask"]).double()
     total, t = 0.0, 0
@@ -122,9 +148,9 @@ def test_student_loss_against_a_float64_rederivation():
                 continue
             logq = logits[row, pos] - torch.logsumexp(logits[row, pos], 0)
             nll = -float(logq[b["input_ids"][row, pos + 1]])
-            zp = vals[t].double()
-            p = (zp - torch.logsumexp(zp, 0)).exp()
-            kl = float((p * (p.log() - logq[ids[t]])).sum())
+            zp, zq = vals[t].double() / tau, logits[row, pos] / tau
+            p, logq_t = (zp - torch.logsumexp(zp, 0)).exp(), zq - torch.logsumexp(zq, 0)
+            kl = tau ** 2 * float((p * (p.log() - logq_t[ids[t]])).sum())
             total += nll + alpha * float(w_sample[row]) * kl
             t += 1
     assert t == int(mask.sum()) and len(set(mask.sum(-1).tolist())) == 3
@@ -447,6 +473,9 @@ def test_refusals(world, cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(*train_args(world, tmp_path / "x", "proxykd", "--cache", cache_dir, "--topk", "4", "--proxy", world))
     assert "built from proxy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(*train_args(world, tmp_path / "x", "proxykd", "--cache", cache_dir, "--kd-temperature", "0"))
+    assert "--kd-temperature 0.0" in capsys.readouterr().err
     assert not (tmp_path / "x" / "checkpoint").exists()
 
 
