@@ -350,6 +350,10 @@ PRESETS = {
                           num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "atto-student": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    # micro-student at width 48 (0.08 M): in the harder world (HARD=1) it learns up to the aligned proxy's level by
+    # black-box KD alone (README "The harder world")
+    "micro48-student": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "nano-student": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny-proxy": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
