@@ -60,8 +60,11 @@ BASES ?= bases
 # A slip rate other than the default (e.g. SLIP_RATE=0) is another teacher: its answers and every run on them get
 # their own directories (runs/teacher_slip0, runs/seed0_slip0), so no stage reuses another teacher's.
 slip_tag = $(if $(TEACHER_URL),,$(if $(filter-out $(SLIP_DEFAULT),$(SLIP_RATE)),_slip$(SLIP_RATE)))
+# Likewise a split other than the default (SPLIT=0.1,0.7,0.2 runs in runs/seed0_split0.1-0.7-0.2).
+comma := ,
+split_tag = $(if $(filter-out $(SPLIT_DEFAULT),$(SPLIT)),_split$(subst $(comma),-,$(SPLIT)))
 TEACHER_DIR ?= $(RUNS)/teacher$(slip_tag)
-run_dir = $(RUNS)/seed$(1)$(slip_tag)
+run_dir = $(RUNS)/seed$(1)$(slip_tag)$(split_tag)
 RUN ?= $(call run_dir,$(SEED))
 # `make study`'s directory per seed: RUNS/study for seed 0 (the main job's), RUNS/study_s<N> for the others
 study_dir = $(RUNS)/study$(if $(filter-out 0,$(1)),_s$(1))
@@ -81,6 +84,9 @@ TEACHER_MODEL ?= proxykd-teacher
 # scores 92 % on GSM8K): README "Results on the embedded world" gives the main job at 0 beside it.
 SLIP_DEFAULT := 0.1
 SLIP_RATE ?= $(SLIP_DEFAULT)
+# Shares of the teacher's answers for D_w (warm-up), D_p (alignment) and D_s (student); the paper's 10/45/45.
+SPLIT_DEFAULT := 0.1,0.45,0.45
+SPLIT ?= $(SPLIT_DEFAULT)
 PROMPTS ?= $(WORLD)/prompts.jsonl
 EVAL ?= $(WORLD)/eval.jsonl
 # held-out problems in neither PROMPTS nor EVAL, on which the recipe and `make study` are judged
@@ -218,12 +224,12 @@ else
 endif
 	touch $@
 
-# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data, by a hash of the id and SEED (after checking that the
+# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data (SPLIT), by a hash of the id and SEED (after checking that the
 # world, the proxy and the student read token ids alike).
 split: $(RUN)/split/.done
 $(RUN)/split/.done: $(TEACHER_DIR)/.done $(PROXY_BASE_DONE) $(STUDENT_BASE_DONE)
 	$(PYTHON) data.py same-tokenizer $(if $(PROXY_INIT)$(STUDENT_INIT),,$(WORLD)) $(PROXY_BASE) $(STUDENT_BASE)
-	$(PYTHON) data.py split --data $(TEACHER_DIR)/teacher.jsonl --out $(RUN)/split --seed $(SEED)
+	$(PYTHON) data.py split --data $(TEACHER_DIR)/teacher.jsonl --out $(RUN)/split --seed $(SEED) --fractions $(SPLIT)
 	touch $@
 
 # resume flag for a stage whose checkpoint exists (a killed run continues where it stopped)

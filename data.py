@@ -598,12 +598,26 @@ def is_correct(text: str, answer) -> bool:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def write_split(teacher_path, out_dir, seed: int):
-    """D_w / D_p / D_s (10/45/45 by a hash of the id and the seed) as three JSONL files."""
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """"0.1,0.45,0.45" -> (0.1, 0.45, 0.45): three non-negative shares summing to 1 (argparse type)."""
+    import argparse
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-9:
+        raise argparse.ArgumentTypeError(f"expected three non-negative numbers summing to 1 (D_w,D_p,D_s), "
+                                         f"got {text!r}")
+    return parts
+
+
+def write_split(teacher_path, out_dir, seed: int, fractions=(0.1, 0.45, 0.45)):
+    """D_w / D_p / D_s (10/45/45 unless `fractions` says otherwise, by a hash of the id and the seed) as three
+    JSONL files."""
     rows = read_teacher(teacher_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = split_three(rows, seed)
+    parts = split_three(rows, seed, fractions)
     for name, part in zip(("D_w", "D_p", "D_s"), parts):
         write_jsonl(out / f"{name}.jsonl", part)
     return [len(p) for p in parts]
@@ -617,6 +631,8 @@ def main(argv=None):
     s.add_argument("--data", required=True, help="teacher JSONL (teacher_client.py output)")
     s.add_argument("--out", required=True, help="directory for D_w.jsonl, D_p.jsonl, D_s.jsonl")
     s.add_argument("--seed", type=int, default=0, help="split seed")
+    s.add_argument("--fractions", type=parse_fractions, default=(0.1, 0.45, 0.45),
+                   help="shares of D_w, D_p, D_s, comma-separated (default 0.1,0.45,0.45, the paper's)")
     c = sub.add_parser("same-tokenizer", help="exit 2 with one line unless every directory has the same tokenizer")
     c.add_argument("dirs", nargs="+", help="model directories or tokenizer.json files")
     args = p.parse_args(argv)
@@ -624,7 +640,7 @@ def main(argv=None):
         if args.cmd == "same-tokenizer":
             check_same_tokenizer(args.dirs)
             return 0
-        n = write_split(args.data, args.out, args.seed)
+        n = write_split(args.data, args.out, args.seed, args.fractions)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

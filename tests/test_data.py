@@ -180,6 +180,25 @@ def test_split_stable_disjoint_covering_and_proportional():
     assert sorted(len(x) for x in data.split_three(dup, seed=0)) == [0, 0, 5]
 
 
+
+def test_split_fractions_move_the_shares_and_nest(tmp_path, capsys):
+    """`data.py split --fractions`: other shares, the same D_w where its share is the same, D_s inside the
+    default D_s when it shrinks (one hash decides, so a smaller share is a subset); a bad value exits 2."""
+    rows = [{"id": f"r{i}", "prompt": "p", "response": "r"} for i in range(4000)]
+    data.write_jsonl(tmp_path / "t.jsonl", rows)
+    assert data.main(["split", "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "a"), "--seed", "3"]) == 0
+    assert data.main(["split", "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "b"), "--seed", "3",
+                      "--fractions", "0.1,0.7,0.2"]) == 0
+    ids = {d: {n: {r["id"] for r in data.read_jsonl(tmp_path / d / f"{n}.jsonl")} for n in ("D_w", "D_p", "D_s")}
+           for d in "ab"}
+    assert ids["a"]["D_w"] == ids["b"]["D_w"] and ids["b"]["D_s"] < ids["a"]["D_s"]
+    assert abs(len(ids["b"]["D_s"]) / len(rows) - 0.2) < 0.03 and abs(len(ids["b"]["D_p"]) / len(rows) - 0.7) < 0.03
+    for bad in ("0.1,0.7", "0.5,0.5,0.5", "a,b,c", "-0.1,0.6,0.5"):
+        with pytest.raises(SystemExit) as e:
+            data.main(["split", "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "c"), f"--fractions={bad}"])
+        assert e.value.code == 2 and "summing to 1" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
 # --------------------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_trains_fast_and_splits_digits(tok):
