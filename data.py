@@ -216,11 +216,16 @@ def hash_to_unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
 
 
+def fractions_ok(fractions) -> bool:
+    """Three shares, each >= 0, summing to 1 (written so that NaN fails)."""
+    return len(fractions) == 3 and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1) <= 1e-9
+
+
 def split_three(rows, seed: int, fractions=(0.1, 0.45, 0.45)):
     """D_w, D_p, D_s (paper §4.1: 10/45/45 at random). Each row goes by a hash of (seed, id) alone, so
     the split is stable (it does not depend on the other rows or their order), disjoint, covers every
     row, and all rows of one prompt land together. Proportions are binomially close to `fractions`."""
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
+    if not fractions_ok(fractions):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     out = ([], [], [])
     for row in rows:
@@ -605,7 +610,7 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-9:
+    if not fractions_ok(parts):
         raise argparse.ArgumentTypeError(f"expected three non-negative numbers summing to 1 (D_w,D_p,D_s), "
                                          f"got {text!r}")
     return parts

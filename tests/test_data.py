@@ -178,6 +178,9 @@ def test_split_stable_disjoint_covering_and_proportional():
     # All rows of one prompt (one id) go together.
     dup = [{"id": "same", "k": i} for i in range(5)]
     assert sorted(len(x) for x in data.split_three(dup, seed=0)) == [0, 0, 5]
+    for bad in ((0.5, 0.5), (0.5, 0.6, -0.1), (float("nan"), 0.5, 0.5)):
+        with pytest.raises(ValueError, match="fractions"):
+            data.split_three(rows, seed=0, fractions=bad)
 
 
 
@@ -193,7 +196,7 @@ def test_split_fractions_move_the_shares_and_nest(tmp_path, capsys):
            for d in "ab"}
     assert ids["a"]["D_w"] == ids["b"]["D_w"] and ids["b"]["D_s"] < ids["a"]["D_s"]
     assert abs(len(ids["b"]["D_s"]) / len(rows) - 0.2) < 0.03 and abs(len(ids["b"]["D_p"]) / len(rows) - 0.7) < 0.03
-    for bad in ("0.1,0.7", "0.5,0.5,0.5", "a,b,c", "-0.1,0.6,0.5"):
+    for bad in ("0.1,0.7", "0.5,0.5,0.5", "a,b,c", "-0.1,0.6,0.5", "nan,0.5,0.5", "inf,0,0"):
         with pytest.raises(SystemExit) as e:
             data.main(["split", "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "c"), f"--fractions={bad}"])
         assert e.value.code == 2 and "summing to 1" in capsys.readouterr().err
