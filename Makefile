@@ -224,8 +224,8 @@ else
 endif
 	touch $@
 
-# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data (SPLIT), by a hash of the id and SEED (after checking that the
-# world, the proxy and the student read token ids alike).
+# D_w / D_p / D_s: 10 / 45 / 45 % of the teacher data (SPLIT), by a hash of the id and SEED (after checking
+# that the world, the proxy and the student read token ids alike).
 split: $(RUN)/split/.done
 $(RUN)/split/.done: $(TEACHER_DIR)/.done $(PROXY_BASE_DONE) $(STUDENT_BASE_DONE)
 	$(PYTHON) data.py same-tokenizer $(if $(PROXY_INIT)$(STUDENT_INIT),,$(WORLD)) $(PROXY_BASE) $(STUDENT_BASE)

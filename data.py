@@ -216,12 +216,15 @@ def hash_to_unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
 
 
+PAPER_SPLIT = (0.1, 0.45, 0.45)  # shares of D_w, D_p, D_s (paper §4.1)
+
+
 def fractions_ok(fractions) -> bool:
     """Three shares, each >= 0, summing to 1 (written so that NaN fails)."""
     return len(fractions) == 3 and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1) <= 1e-9
 
 
-def split_three(rows, seed: int, fractions=(0.1, 0.45, 0.45)):
+def split_three(rows, seed: int, fractions=PAPER_SPLIT):
     """D_w, D_p, D_s (paper §4.1: 10/45/45 at random). Each row goes by a hash of (seed, id) alone, so
     the split is stable (it does not depend on the other rows or their order), disjoint, covers every
     row, and all rows of one prompt land together. Proportions are binomially close to `fractions`."""
@@ -616,7 +619,7 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return parts
 
 
-def write_split(teacher_path, out_dir, seed: int, fractions=(0.1, 0.45, 0.45)):
+def write_split(teacher_path, out_dir, seed: int, fractions=PAPER_SPLIT):
     """D_w / D_p / D_s (10/45/45 unless `fractions` says otherwise, by a hash of the id and the seed) as three
     JSONL files."""
     rows = read_teacher(teacher_path)
@@ -636,7 +639,7 @@ def main(argv=None):
     s.add_argument("--data", required=True, help="teacher JSONL (teacher_client.py output)")
     s.add_argument("--out", required=True, help="directory for D_w.jsonl, D_p.jsonl, D_s.jsonl")
     s.add_argument("--seed", type=int, default=0, help="split seed")
-    s.add_argument("--fractions", type=parse_fractions, default=(0.1, 0.45, 0.45),
+    s.add_argument("--fractions", type=parse_fractions, default=PAPER_SPLIT,
                    help="shares of D_w, D_p, D_s, comma-separated (default 0.1,0.45,0.45, the paper's)")
     c = sub.add_parser("same-tokenizer", help="exit 2 with one line unless every directory has the same tokenizer")
     c.add_argument("dirs", nargs="+", help="model directories or tokenizer.json files")

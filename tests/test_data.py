@@ -183,7 +183,6 @@ def test_split_stable_disjoint_covering_and_proportional():
             data.split_three(rows, seed=0, fractions=bad)
 
 
-
 def test_split_fractions_move_the_shares_and_nest(tmp_path, capsys):
     """`data.py split --fractions`: other shares, the same D_w where its share is the same, D_s inside the
     default D_s when it shrinks (one hash decides, so a smaller share is a subset); a bad value exits 2."""
@@ -201,6 +200,7 @@ def test_split_fractions_move_the_shares_and_nest(tmp_path, capsys):
             data.main(["split", "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "c"), f"--fractions={bad}"])
         assert e.value.code == 2 and "summing to 1" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
 
 # --------------------------------------------------------------------------------------- tokenizer
 
