@@ -82,3 +82,25 @@ def test_hard_preset_moves_every_directory_and_the_stage_1_recipe():
     main = _dry_run(f"runs/seed{seed}/proxy/.done", f"SEED={seed}")
     align = _line(main, "proxy_align.py align", f"--out runs/seed{seed}/proxy")
     assert "--rounds 2 " in align and "--weight-decay" not in align and "runs/hard" not in " ".join(main)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="make")
+def test_strong_preset_runs_the_main_world_with_its_own_split_stage_1_and_students():
+    seed = "90917"
+    strong = _dry_run(f"runs/strong/seed{seed}/student_proxykd/.done", "STRONG=1", f"SEED={seed}")
+    # The main job's world, bases and teacher; its own split (70 % for the proxy) and directories.
+    split = _line(strong, "data.py split")
+    assert "--data runs/teacher/teacher.jsonl" in split and f"--out runs/strong/seed{seed}/split " in split
+    assert "--fractions 0.1,0.7,0.2" in split
+    sft = _line(strong, "proxy_align.py sft", f"runs/strong/seed{seed}/split/D_w.jsonl")
+    assert "--init bases/proxy" in sft and "--epochs 40 --weight-decay 1.0" in sft
+    align = _line(strong, "proxy_align.py align", f"--out runs/strong/seed{seed}/proxy")
+    assert "--rounds 1 " in align and "--epochs 20 --weight-decay 1.0" in align
+    assert "--heldout runs/teacher/teacher_eval.jsonl" in align and "--eval runs/world/eval.jsonl" in align
+    student = _line(strong, "distill.py train --method proxykd")
+    assert "--epochs 192 " in student and f"--cache runs/strong/seed{seed}/cache_proxy" in student
+    assert "--out runs/strong/table.md" in _line(_dry_run("table", "STRONG=1", f"SEEDS={seed}"), "table.py collect")
+    # One preset at a time.
+    both = subprocess.run(["make", "-n", "-C", str(ROOT), "proxy", "STRONG=1", "HARD=1"], capture_output=True,
+                          text=True, timeout=60)
+    assert both.returncode != 0 and "choose one" in both.stderr
