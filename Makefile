@@ -142,6 +142,11 @@ kd_args = --topk $(TOPK) --alpha $(1) --gamma $(2) --kl-eps $(KL_EPS)
 KD_ARGS = $(call kd_args,$(ALPHA),$(GAMMA))
 STUDENT_ARGS = $(DISTILL_ARGS) $(STAGE) $(EVAL_ARGS)
 
+# Stage 1 at its plateau, as the presets below run it: a 40-epoch warm-up and one round of $(1) epochs over all of
+# D_p, both with weight decay 1.0 (the main job's lr, schedule and batch).
+PLATEAU_SFT_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 40 --weight-decay 1.0
+plateau_align_args = --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs $(1) --weight-decay 1.0
+
 # HARD=1: the harder world, every template of world.TEMPLATES (2-4 steps), in runs/hard/ with its own world, bases
 # (`make bases HARD=1`, about 4 minutes; the first run builds them otherwise), teacher and runs. There the paper's
 # premise holds: the aligned proxy ends far above the black-box student, which learns 3-4-step answers from D_s
@@ -153,8 +158,8 @@ TEMPLATES := all
 RUNS := runs/hard
 BASES := $(RUNS)/bases
 ROUNDS := 1
-SFT_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 40 --weight-decay 1.0
-ALIGN_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 40 --weight-decay 1.0
+SFT_ARGS := $(PLATEAU_SFT_ARGS)
+ALIGN_ARGS := $(call plateau_align_args,40)
 endif
 # STRONG=1: the paper's regime on the main world, in runs/strong/ (the world, bases and teacher are the main job's).
 # The proxy gets 70 % of the teacher's answers (SPLIT 0.1,0.7,0.2: D_w 10 %, D_p 70 %) and a stage 1 trained to
@@ -170,8 +175,8 @@ WORLD := runs/world
 TEACHER_DIR := runs/teacher$(slip_tag)
 SPLIT_DEFAULT := 0.1,0.7,0.2
 ROUNDS := 1
-SFT_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 40 --weight-decay 1.0
-ALIGN_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 10 --batch-size 16 --epochs 20 --weight-decay 1.0
+SFT_ARGS := $(PLATEAU_SFT_ARGS)
+ALIGN_ARGS := $(call plateau_align_args,20)
 DISTILL_ARGS := --lr 3e-3 --lr-schedule cosine --warmup-steps 20 --batch-size 16 --epochs 192 --weight-decay 1.0
 endif
 ifeq ($(PROXY_INIT),)
